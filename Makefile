@@ -1,0 +1,54 @@
+# headrace. On a fresh machine: `make demo` runs the main job on embedded defaults; `make test` runs the
+# tests. Both create the virtualenv (.venv) from the locked versions; `make test` also builds the Flink
+# job-server jar from Maven Central into ~/.cache/headrace/jars once.
+
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HEADRACE := $(VENV)/bin/headrace
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-all jars lint format wheel lock bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --constraint constraints.txt --editable '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+jars: $(STAMP)
+	$(HEADRACE) jars fetch
+
+demo: $(STAMP)
+	$(HEADRACE) demo
+
+# Everything but tests marked slow; the real Flink tests are included.
+test: $(STAMP) jars
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(STAMP) jars
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+# The wheel Dataflow workers install (staged with --extra_package by the DataflowRunner path).
+wheel: $(STAMP)
+	$(PY) -m pip wheel --no-deps --wheel-dir dist .
+
+# Re-lock after changing dependencies in pyproject.toml.
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet '.[dev]'
+	.lock-venv/bin/pip freeze --exclude-editable | grep -v '^headrace' > constraints.txt
+	rm -rf .lock-venv
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

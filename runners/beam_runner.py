@@ -1,0 +1,326 @@
+"""Beam runner selection and the run contract every pipeline shares.
+
+Runners (``--runner``):
+
+* ``FnApiRunner`` (default; aliases ``local``, ``DirectRunner``): Beam's in-process portable runner, named
+  explicitly because the plain DirectRunner of newer Beam releases first tries to download a Go binary
+  (Prism) from GitHub. ``--direct_num_workers=N --direct_running_mode=multi_processing`` uses N processes.
+* ``BundleBasedDirectRunner``: the only local runner that executes ``TestStream`` (streaming tests).
+* ``FlinkRunner``: Beam's Flink job server jar (built once by ``make jars``) is filled in for
+  ``--flink_job_server_jar``; ``--flink_master`` defaults to ``[local]`` (an embedded cluster) and the SDK
+  environment to ``LOOPBACK`` when the master is local. Give ``--flink_master=HOST:PORT`` (the JobManager's
+  REST port) and ``--environment_type=PROCESS|DOCKER|EXTERNAL`` for a real cluster.
+* ``DataflowRunner``: needs ``--project``, ``--region`` and a ``gs://`` ``--temp_location``; the built
+  headrace wheel (``make wheel``) is staged with ``--extra_package`` unless ``--sdk_container_image`` or
+  ``--setup_file`` is given. ``dry_run=True`` builds and validates the job graph without submitting.
+
+`run_pipeline` is the contract: outputs are written under a staging directory beside ``output`` and renamed
+into place only when the whole pipeline succeeded, so a failed run leaves nothing half-written; the
+resolved config is written next to the outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import (
+    FlinkRunnerOptions,
+    GoogleCloudOptions,
+    PipelineOptions,
+    PortableOptions,
+    SetupOptions,
+    StandardOptions,
+    TestOptions,
+    WorkerOptions,
+)
+
+from headrace.runners import config as config_lib
+from headrace.runners import jars
+from headrace.runners.errors import ConfigError, HeadraceError
+
+__all__ = [
+    "RUNNERS",
+    "RunResult",
+    "create_pipeline",
+    "pipeline_options",
+    "resolve_runner",
+    "run_pipeline",
+    "staged_output",
+]
+
+_log = logging.getLogger(__name__)
+
+RUNNERS = (
+    "FnApiRunner",
+    "BundleBasedDirectRunner",
+    "FlinkRunner",
+    "DataflowRunner",
+    "PortableRunner",
+)
+_ALIASES = {
+    "local": "FnApiRunner",
+    "direct": "FnApiRunner",
+    "directrunner": "FnApiRunner",
+    "fnapi": "FnApiRunner",
+    "flink": "FlinkRunner",
+    "dataflow": "DataflowRunner",
+    "portable": "PortableRunner",
+}
+_LOCAL_FLINK_MASTERS = ("[local]", "[auto]", "localhost", "127.0.0.1")
+
+
+def resolve_runner(name: str | None) -> str:
+    """The canonical runner name for `name` (case-insensitive, aliases allowed)."""
+    if not name:
+        return "FnApiRunner"
+    for runner in RUNNERS:
+        if runner.lower() == name.lower():
+            return runner
+    if name.lower() in _ALIASES:
+        return _ALIASES[name.lower()]
+    raise ConfigError(f"--runner {name!r}: expected one of {', '.join(RUNNERS)} (or local, flink)")
+
+
+def _has_flag(args: Sequence[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def pipeline_options(
+    runner: str | None = None,
+    beam_args: Sequence[str] = (),
+    *,
+    streaming: bool = False,
+    job_name: str | None = None,
+) -> tuple[Any, PipelineOptions]:
+    """Returns ``(runner, options)`` for `beam.Pipeline(runner=..., options=...)`.
+
+    `beam_args` are Beam's own flags (``--parallelism=2``, ``--project=...``), passed through untouched
+    apart from the defaults documented in the module docstring.
+    """
+    name = resolve_runner(runner)
+    args = list(beam_args)
+    if streaming and not _has_flag(args, "--streaming"):
+        args.append("--streaming")
+    if job_name and not _has_flag(args, "--job_name"):
+        args.append(f"--job_name={job_name}")
+
+    if name == "FlinkRunner":
+        if not _has_flag(args, "--flink_job_server_jar"):
+            args.append(f"--flink_job_server_jar={jars.jar_path('flink-job-server')}")
+        if not _has_flag(args, "--flink_master"):
+            args.append("--flink_master=[local]")
+        options = PipelineOptions(args)
+        master = options.view_as(FlinkRunnerOptions).flink_master
+        local = any(master.startswith(m) for m in _LOCAL_FLINK_MASTERS)
+        if local and not _has_flag(args, "--environment_type"):
+            options.view_as(PortableOptions).environment_type = "LOOPBACK"
+        options.view_as(StandardOptions).runner = "FlinkRunner"
+        return "FlinkRunner", options
+
+    if name == "DataflowRunner":
+        options = PipelineOptions(args)
+        gcp = options.view_as(GoogleCloudOptions)
+        missing = [
+            flag
+            for flag, value in (
+                ("--project", gcp.project),
+                ("--region", gcp.region),
+                ("--temp_location", gcp.temp_location),
+            )
+            if not value
+        ]
+        if missing:
+            raise ConfigError(f"DataflowRunner needs {', '.join(missing)}")
+        if not gcp.temp_location.startswith("gs://"):
+            raise ConfigError(f"--temp_location={gcp.temp_location}: Dataflow needs a gs:// path")
+        setup = options.view_as(SetupOptions)
+        worker = options.view_as(WorkerOptions)
+        if not (setup.extra_packages or setup.setup_file or worker.sdk_container_image):
+            setup.extra_packages = [str(_wheel_for_workers())]
+        options.view_as(StandardOptions).runner = "DataflowRunner"
+        return "DataflowRunner", options
+
+    options = PipelineOptions(args)
+    options.view_as(StandardOptions).runner = name
+    if name == "FnApiRunner":
+        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+        return FnApiRunner(), options
+    if name == "BundleBasedDirectRunner":
+        from apache_beam.runners.direct.direct_runner import BundleBasedDirectRunner
+
+        return BundleBasedDirectRunner(), options
+    return name, options
+
+
+def _wheel_for_workers() -> Path:
+    """The headrace wheel Dataflow workers install (built by `make wheel` into dist/)."""
+    from importlib import metadata
+
+    version = metadata.version("headrace")
+    candidates = sorted(Path("dist").glob(f"headrace-{version}-*.whl"))
+    if not candidates:
+        raise ConfigError(
+            f"no headrace-{version} wheel in ./dist for Dataflow workers; run `make wheel`, or pass "
+            "--extra_package, --setup_file or --sdk_container_image"
+        )
+    return candidates[-1].resolve()
+
+
+def create_pipeline(
+    runner: str | None = None,
+    beam_args: Sequence[str] = (),
+    *,
+    streaming: bool = False,
+    job_name: str | None = None,
+    dry_run: bool = False,
+) -> beam.Pipeline:
+    """A `beam.Pipeline` for `runner`; the only place headrace creates one from flags."""
+    runner_obj, options = pipeline_options(
+        runner, beam_args, streaming=streaming, job_name=job_name
+    )
+    if dry_run:
+        options.view_as(TestOptions).dry_run = True
+    # Pickle the main session is never needed: DoFns are module-level and import what they use.
+    options.view_as(SetupOptions).save_main_session = False
+    return beam.Pipeline(runner=runner_obj, options=options)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run contract: staged output, committed on success
+# ---------------------------------------------------------------------------------------------------
+
+
+class staged_output:
+    """Context manager giving a staging directory that becomes `output` only if the block succeeds.
+
+    On a local filesystem the commit is one ``rename`` of the directory, so readers see either no output
+    or all of it. With ``overwrite=True`` an existing `output` is replaced after the new one is complete.
+    On failure the staging directory is removed and any existing output is left untouched.
+
+    Object stores (``gs://``) have no directory rename: there the files are renamed one by one into
+    `output` after success and an empty ``_SUCCESS`` file is written last; readers wait for it.
+    """
+
+    def __init__(self, output: str | os.PathLike, *, overwrite: bool = False):
+        self.remote = "://" in str(output)
+        self.overwrite = overwrite
+        tag = uuid.uuid4().hex[:8]
+        if self.remote:
+            self.output = str(output).rstrip("/")
+            parent, _, base = self.output.rpartition("/")
+            self.staging = f"{parent}/.{base}.staging-{tag}"
+        else:
+            self.output = Path(output).absolute()
+            self.staging = self.output.parent / f".{self.output.name}.staging-{tag}"
+
+    def __enter__(self):
+        if self.remote:
+            from apache_beam.io.filesystems import FileSystems
+
+            if FileSystems.exists(self.output + "/_SUCCESS") and not self.overwrite:
+                raise HeadraceError(f"output {self.output} already exists; pass --overwrite")
+            return self.staging
+        if self.output.exists() and not self.overwrite:
+            raise HeadraceError(
+                f"output {self.output} already exists; pass --overwrite to replace it"
+            )
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        self.staging.mkdir()
+        return self.staging
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.remote:
+            self._exit_remote(failed=exc_type is not None)
+            return
+        if exc_type is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            return
+        if self.output.exists():
+            trash = self.output.parent / f".{self.output.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(self.output, trash)
+            os.rename(self.staging, self.output)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(self.staging, self.output)
+
+    def _exit_remote(self, *, failed: bool) -> None:
+        from apache_beam.io.filesystems import FileSystems
+
+        staged = [
+            m.path for r in FileSystems.match([self.staging + "/**"]) for m in r.metadata_list
+        ]
+        if failed:
+            if staged:
+                FileSystems.delete(staged)
+            return
+        if self.overwrite:
+            old = [
+                m.path for r in FileSystems.match([self.output + "/**"]) for m in r.metadata_list
+            ]
+            if old:
+                FileSystems.delete(old)
+        FileSystems.rename(staged, [self.output + p[len(self.staging) :] for p in staged])
+        FileSystems.create(self.output + "/_SUCCESS").close()
+
+
+@dataclasses.dataclass
+class RunResult:
+    output: Path
+    runner: str
+    seconds: float
+    state: str
+
+
+def run_pipeline(
+    build: Callable[[beam.Pipeline, Any], Any],
+    config: Any,
+    *,
+    runner: str | None = None,
+    beam_args: Sequence[str] = (),
+    overwrite: bool = False,
+    job_name: str | None = None,
+) -> RunResult:
+    """Builds ``build(pipeline, config)`` with ``config.output`` staged, runs it, and commits the output.
+
+    `config` is a frozen dataclass with an ``output`` field. The pipeline sees a copy whose ``output`` is
+    the staging directory; ``resolved_config.json`` (the config as the user resolved it, plus the runner
+    and Beam flags) is written beside its outputs before the commit.
+    """
+    output = getattr(config, "output", None)
+    if not output:
+        raise ConfigError("--output is required")
+    name = resolve_runner(runner)
+    with staged_output(output, overwrite=overwrite) as staging:
+        staged_config = dataclasses.replace(config, output=str(staging))
+        if isinstance(staging, str):  # object store: resolved config goes up with the outputs
+            staging_dir = None
+        else:
+            staging_dir = staging
+        pipeline = create_pipeline(name, beam_args, job_name=job_name)
+        build(pipeline, staged_config)
+        start = time.perf_counter()
+        result = pipeline.run()
+        state = result.wait_until_finish()
+        seconds = time.perf_counter() - start
+        if str(state) not in ("DONE", "PipelineState.DONE"):
+            raise HeadraceError(f"pipeline finished in state {state}")
+        extra = {"runner": name, "beam_args": list(beam_args), "seconds": round(seconds, 3)}
+        if staging_dir is not None:
+            config_lib.dump(config, staging_dir / "resolved_config.json", extra=extra)
+        else:
+            from apache_beam.io.filesystems import FileSystems
+
+            with FileSystems.create(f"{staging}/resolved_config.json") as f:
+                f.write(config_lib.dumps(config, extra=extra).encode())
+    _log.info("%s: %s finished in %.1fs", output, name, seconds)
+    return RunResult(output=Path(output), runner=name, seconds=seconds, state=str(state))

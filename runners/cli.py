@@ -1,0 +1,354 @@
+"""The ``headrace`` command.
+
+    headrace run PIPELINE [flags] [--runner R] [--config NAME] [--set KEY=VALUE ...] [beam options]
+    headrace train MODEL [flags] [--mesh batch=4,model=2] [--config NAME] [--set KEY=VALUE ...]
+    headrace configs list | show NAME
+    headrace demo [--workdir DIR]
+    headrace jars fetch | path
+
+A command's flags are its config's top-level fields (``--eval-fraction`` sets ``eval_fraction``); nested
+fields are set with ``--set model.hidden=64``. Resolution order: the registered config (``--config`` or the
+command's default), then flags, then ``--set`` in order. ``run`` passes flags it does not know to Beam,
+after checking that Beam knows them. Mistakes print one line and exit 2; errors in inputs print one line
+and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import os
+import sys
+import typing
+import warnings
+from collections.abc import Sequence
+
+from headrace.runners import commands
+from headrace.runners import config as config_lib
+from headrace.runners.errors import ConfigError, HeadraceError
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors as one line (no usage dump) raised as ConfigError."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def _quiet_environment() -> None:
+    # TF 2.17 logs CUDA plugin registration "errors" on every import on machines without CUDA; they are
+    # noise. TF_CPP_MIN_LOG_LEVEL=0 brings every C++ log back for debugging.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not verbose:
+        for noisy in ("apache_beam", "absl", "tensorflow", "root", "h5py", "matplotlib"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Beam warns that python-snappy's crc32c is missing; crcmod's C extension, which it falls back to,
+    # takes 0.8 us per 200-byte record here, far below the cost of building the example.
+    logging.getLogger("apache_beam.io.tfrecordio").setLevel(logging.ERROR)
+
+
+# -------------------------------------------------------------------------------------------------
+# Config flags
+# -------------------------------------------------------------------------------------------------
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, config) -> list[str]:
+    """One flag per top-level scalar field of `config`; returns the field names."""
+    hints = typing.get_type_hints(type(config))
+    names = []
+    group = parser.add_argument_group("config fields (see `headrace configs show NAME`)")
+    for field in dataclasses.fields(config):
+        tp = hints[field.name]
+        if dataclasses.is_dataclass(tp):
+            continue
+        default = getattr(config, field.name)
+        help_text = field.metadata.get("help", "") + f" (default: {default!r})"
+        if tp is bool:
+            group.add_argument(
+                _flag(field.name),
+                dest=field.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+        else:
+            group.add_argument(
+                _flag(field.name),
+                dest=field.name,
+                default=argparse.SUPPRESS,
+                metavar=field.name.upper(),
+                help=help_text,
+            )
+        names.append(field.name)
+    return names
+
+
+def _resolve_config(command: commands.Command, argv: Sequence[str], *, allow_unknown: bool):
+    """Parses a command's flags; returns (config, parsed args, unknown args)."""
+    command.load()  # registers the command's configs
+    pre = _Parser(add_help=False)
+    pre.add_argument("--config", default=command.default_config)
+    known, _ = pre.parse_known_args(argv)
+    registered = config_lib.lookup(known.config)
+    if registered.command != command.key:
+        raise ConfigError(
+            f"--config {known.config!r} is for `{registered.command}`, not `{command.key}`"
+        )
+    base = config_lib.get(known.config)
+
+    parser = _Parser(prog=f"headrace {command.key}", description=command.summary)
+    parser.add_argument(
+        "--config", default=command.default_config, help="registered config to start from"
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a (nested) field"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    if command.verb == "run":
+        parser.add_argument(
+            "--runner", default=None, help="FnApiRunner (default), FlinkRunner, DataflowRunner, ..."
+        )
+        parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+        parser.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="build and validate the pipeline without running it",
+        )
+    fields = _add_config_flags(parser, base)
+    if allow_unknown:
+        args, unknown = parser.parse_known_args(argv)
+    else:
+        args, unknown = parser.parse_args(argv), []
+
+    config = base
+    for name in fields:
+        if hasattr(args, name):
+            value = getattr(args, name)
+            config = config_lib.override(
+                config, name, value if isinstance(value, bool) else str(value), label=_flag(name)
+            )
+    config = config_lib.apply_overrides(config, args.set)
+    return config, args, unknown
+
+
+def _check_beam_args(beam_args: Sequence[str], command_key: str) -> None:
+    """Refuses flags that neither the command nor Beam knows (typos would otherwise be ignored)."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    parser = argparse.ArgumentParser(add_help=False)
+    seen, stack = set(), [PipelineOptions]
+    while stack:
+        cls = stack.pop()
+        for sub in cls.__subclasses__():
+            if sub not in seen:
+                seen.add(sub)
+                stack.append(sub)
+    for cls in [PipelineOptions, *seen]:
+        with contextlib.suppress(argparse.ArgumentError):  # options declared by two classes
+            cls._add_argparse_args(parser)
+    _, unknown = parser.parse_known_args(list(beam_args))
+    flags = [u for u in unknown if u.startswith("-")]
+    if flags or unknown:
+        bad = (flags or unknown)[0]
+        raise ConfigError(
+            f"unknown flag {bad!r}: not a flag of `headrace {command_key}` nor a Beam option"
+        )
+
+
+# -------------------------------------------------------------------------------------------------
+# Verbs
+# -------------------------------------------------------------------------------------------------
+
+
+def _run(name: str, argv: Sequence[str]) -> int:
+    if name not in commands.PIPELINES:
+        raise ConfigError(
+            f"unknown pipeline {name!r} (pipelines: {', '.join(sorted(commands.PIPELINES))})"
+        )
+    command = commands.PIPELINES[name]
+    config, args, beam_args = _resolve_config(command, argv, allow_unknown=True)
+    _setup_logging(args.verbose)
+    _check_beam_args(beam_args, command.key)
+    from headrace.runners import beam_runner
+
+    build = command.load()
+    if args.dry_run:
+        pipeline = beam_runner.create_pipeline(args.runner, beam_args, dry_run=True)
+        build(
+            pipeline, dataclasses.replace(config, output=config.output or "/tmp/headrace-dry-run")
+        )
+        if beam_runner.resolve_runner(args.runner) == "DataflowRunner":
+            pipeline.run()  # DataflowRunner's dry_run builds and validates the job without submitting
+        else:
+            pipeline.to_runner_api()
+        print(
+            f"{command.key}: pipeline built and validated for {beam_runner.resolve_runner(args.runner)}"
+        )
+        return 0
+    result = beam_runner.run_pipeline(
+        build,
+        config,
+        runner=args.runner,
+        beam_args=beam_args,
+        overwrite=args.overwrite,
+        job_name=f"headrace-{name}",
+    )
+    print(f"{command.key}: wrote {result.output} on {result.runner} in {result.seconds:.1f}s")
+    report = result.output / "report.json"
+    if report.exists():
+        print(report.read_text().strip())
+    return 0
+
+
+def _train(name: str, argv: Sequence[str]) -> int:
+    if name not in commands.TRAINERS:
+        raise ConfigError(
+            f"unknown model {name!r} (models: {', '.join(sorted(commands.TRAINERS))})"
+        )
+    command = commands.TRAINERS[name]
+    # Virtual CPU devices must exist before TensorFlow starts: parse the mesh first.
+    config, args, _ = _resolve_config(command, argv, allow_unknown=False)
+    _setup_logging(args.verbose)
+    mesh_spec = getattr(config, "mesh", None)
+    if mesh_spec:
+        from headrace.runners import mesh as mesh_lib
+
+        n = 1
+        for _, size in mesh_lib.parse_mesh(mesh_spec):
+            n *= size
+        mesh_lib.configure_virtual_devices(n)
+    if not getattr(config, "output", "x"):
+        raise ConfigError("--output is required")
+    result = command.load()(config)
+    if isinstance(result, dict):
+        import json
+
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _configs(argv: Sequence[str]) -> int:
+    parser = _Parser(prog="headrace configs")
+    sub = parser.add_subparsers(dest="action", required=True)
+    sub.add_parser("list", help="registered configs")
+    show = sub.add_parser("show", help="one config with all its fields, as JSON")
+    show.add_argument("name")
+    show.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    commands.load_all()
+    if args.action == "list":
+        rows = config_lib.registered()
+        width = max(len(r.name) for r in rows)
+        cwidth = max(len(r.command) for r in rows)
+        for r in rows:
+            print(f"{r.name:<{width}}  {r.command:<{cwidth}}  {r.description}")
+        return 0
+    config = config_lib.apply_overrides(config_lib.get(args.name), args.set)
+    print(config_lib.dumps(config).rstrip())
+    return 0
+
+
+def _jars(argv: Sequence[str]) -> int:
+    parser = _Parser(prog="headrace jars")
+    sub = parser.add_subparsers(dest="action", required=True)
+    fetch = sub.add_parser(
+        "fetch", help="build the Java jars from Maven Central into the cache (once)"
+    )
+    fetch.add_argument("--force", action="store_true")
+    sub.add_parser("path", help="where the jars are cached")
+    args = parser.parse_args(argv)
+    _setup_logging(False)
+    from headrace.runners import jars
+
+    if args.action == "fetch":
+        for path in jars.fetch(force=args.force):
+            print(path)
+    else:
+        for jar in jars.JARS.values():
+            print(f"{jar.name}: {jar.path} ({'present' if jar.path.is_file() else 'missing'})")
+    return 0
+
+
+def _demo(argv: Sequence[str]) -> int:
+    parser = _Parser(prog="headrace demo", description="the main job on embedded defaults")
+    parser.add_argument(
+        "--workdir", default="headrace-demo", help="where the demo writes (replaced)"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    from headrace.runners import demo
+
+    return demo.run_demo(args.workdir)
+
+
+def _usage() -> str:
+    lines = [
+        "usage: headrace {run,train,configs,demo,jars} ...",
+        "",
+        "headrace: Beam pipelines that turn raw data into sharded tf.data input, and DTensor trainers.",
+        "",
+        "  run PIPELINE     run a Beam pipeline: " + ", ".join(sorted(commands.PIPELINES)),
+        "  train MODEL      train a model on a DTensor mesh: "
+        + ", ".join(sorted(commands.TRAINERS)),
+        "  configs          list / show registered configs",
+        "  demo             run every pipeline and trainer on small embedded data",
+        "  jars             build / locate the Java jars (Flink job server)",
+        "",
+        "`headrace run PIPELINE --help` lists a pipeline's flags; likewise for train.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_environment()
+    try:
+        if not argv or argv[0] in ("-h", "--help", "help"):
+            print(_usage())
+            return 0
+        verb, rest = argv[0], argv[1:]
+        if verb in ("run", "train"):
+            if not rest or rest[0].startswith("-"):
+                if rest and rest[0] in ("-h", "--help"):
+                    print(_usage())
+                    return 0
+                raise ConfigError(
+                    f"headrace {verb}: missing the {'pipeline' if verb == 'run' else 'model'} name"
+                )
+            return (_run if verb == "run" else _train)(rest[0], rest[1:])
+        if verb == "configs":
+            return _configs(rest)
+        if verb == "demo":
+            return _demo(rest)
+        if verb == "jars":
+            return _jars(rest)
+        raise ConfigError(f"unknown command {verb!r} (commands: run, train, configs, demo, jars)")
+    except HeadraceError as exc:
+        print(f"headrace: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("headrace: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

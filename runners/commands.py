@@ -1,0 +1,68 @@
+"""The table of pipelines and trainers the CLI knows, imported lazily.
+
+Each entry names the module that registers the command's configs and the function the CLI calls. Keeping
+this table free of heavy imports means ``headrace --help`` does not load TensorFlow or Beam; a command's
+module is imported only when that command runs (or when all configs are listed).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+__all__ = ["PIPELINES", "TRAINERS", "Command", "load_all"]
+
+
+@dataclass(frozen=True)
+class Command:
+    """``verb name`` (``run example``): its module, entry function and default registered config."""
+
+    verb: str
+    name: str
+    module: str
+    function: str
+    default_config: str
+    summary: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.verb} {self.name}"
+
+    def load(self):
+        """The entry function (importing the module registers the command's configs)."""
+        return getattr(importlib.import_module(self.module), self.function)
+
+
+PIPELINES = {
+    c.name: c
+    for c in [
+        Command(
+            "run",
+            "example",
+            "headrace.pipelines.example",
+            "build_example",
+            "example",
+            "CSV records -> validated, split TFRecord shards (the foundation's example)",
+        ),
+    ]
+}
+
+TRAINERS = {
+    c.name: c
+    for c in [
+        Command(
+            "train",
+            "mlp",
+            "headrace.runners.train_mlp",
+            "train_and_evaluate",
+            "mlp",
+            "the example MLP on the example shards, data and model parallel",
+        ),
+    ]
+}
+
+
+def load_all() -> None:
+    """Imports every command module so that all configs are registered."""
+    for command in [*PIPELINES.values(), *TRAINERS.values()]:
+        importlib.import_module(command.module)

@@ -1,0 +1,53 @@
+"""Shared test set-up: 8 virtual CPU devices before TensorFlow starts, quiet logs, common fixtures."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from headrace.runners import mesh as mesh_lib  # noqa: E402
+
+# DTensor tests run on an 8-device mesh; the split must precede TensorFlow's runtime start.
+mesh_lib.configure_virtual_devices(8)
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture
+def fnapi_pipeline():
+    """A TestPipeline on the in-process FnApiRunner (named explicitly; see runners/beam_runner.py)."""
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    from apache_beam.testing.test_pipeline import TestPipeline
+
+    def make():
+        return TestPipeline(runner=FnApiRunner())
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def flink_jar() -> Path:
+    """The Flink job-server jar; `make test` builds it first, so a missing jar is a failure, not a skip."""
+    from headrace.runners import jars
+
+    return jars.jar_path("flink-job-server")
+
+
+@pytest.fixture(scope="session")
+def example_output(tmp_path_factory) -> Path:
+    """The example pipeline's output on 4,000 generated records (FnApiRunner), shared by tests."""
+    from headrace.pipelines.example import ExampleConfig, build_example
+    from headrace.runners.beam_runner import run_pipeline
+
+    out = tmp_path_factory.mktemp("example") / "out"
+    run_pipeline(
+        build_example, ExampleConfig(output=str(out), num_records=4000, malformed_every=100)
+    )
+    return out

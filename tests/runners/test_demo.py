@@ -1,0 +1,12 @@
+"""`headrace demo`, the README's main job, runs every stage and prints its summary."""
+
+from __future__ import annotations
+
+from headrace.runners import demo
+
+
+def test_demo_runs_every_stage(tmp_path, capsys):
+    assert demo.run_demo(str(tmp_path / "demo")) == 0
+    out = capsys.readouterr().out
+    assert "FAILED" not in out
+    assert "run example" in out and "train mlp" in out and "eval AUC" in out

@@ -1,0 +1,198 @@
+"""The feature spec, the Beam TFRecord writer and the tf.data reader built from the same spec."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+
+import apache_beam as beam
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from headrace.runners.beam_runner import run_pipeline
+from headrace.runners.errors import InputError
+from headrace.transforms.tfrecord import (
+    Feature,
+    FeatureSpec,
+    SpecError,
+    WriteTFRecordShards,
+    list_shards,
+    read_examples,
+    tfrecord_dataset,
+)
+
+# Every feature kind the spec supports: each dtype fixed (scalar, vector, matrix) and variable length,
+# plus a fixed feature with a default that some records omit.
+SPEC = FeatureSpec(
+    "all_kinds",
+    {
+        "i_scalar": Feature("int64"),
+        "f_vector": Feature("float32", (3,)),
+        "f_matrix": Feature("float32", (2, 2)),
+        "b_scalar": Feature("bytes"),
+        "i_var": Feature("int64", None),
+        "f_var": Feature("float32", None),
+        "b_var": Feature("bytes", None),
+        "i_default": Feature("int64", (2,), default=[-1, -1]),
+    },
+)
+
+
+def _records(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(n):
+        k = int(rng.integers(0, 4))
+        record = {
+            "i_scalar": i,
+            "f_vector": rng.normal(size=3).astype(np.float32),
+            "f_matrix": rng.normal(size=(2, 2)).astype(np.float32),
+            "b_scalar": f"id-{i}".encode(),
+            "i_var": rng.integers(-(2**40), 2**40, size=k),
+            "f_var": rng.normal(size=k).astype(np.float32),
+            "b_var": [f"t{j}" for j in range(k)],  # str is encoded as utf-8
+        }
+        if i % 3:
+            record["i_default"] = [i, -i]
+        records.append(record)
+    return records
+
+
+def _expected(record: dict) -> dict:
+    return {
+        "i_scalar": np.int64(record["i_scalar"]),
+        "f_vector": np.asarray(record["f_vector"], np.float32),
+        "f_matrix": np.asarray(record["f_matrix"], np.float32),
+        "b_scalar": record["b_scalar"],
+        "i_var": np.asarray(record["i_var"], np.int64),
+        "f_var": np.asarray(record["f_var"], np.float32),
+        "b_var": [s.encode() for s in record["b_var"]],
+        "i_default": np.asarray(record.get("i_default", [-1, -1]), np.int64),
+    }
+
+
+def _assert_same(decoded: dict, expected: dict):
+    assert set(decoded) == set(expected)
+    for key, want in expected.items():
+        got = decoded[key]
+        if key in ("b_scalar",):
+            assert bytes(np.asarray(got, dtype=object).item()) == want
+        elif key == "b_var":
+            assert [bytes(x) for x in np.asarray(got, dtype=object).ravel()] == want
+        else:
+            np.testing.assert_array_equal(np.asarray(got), want, err_msg=key)
+
+
+def test_encode_decode_round_trips_every_feature_kind():
+    for record in _records(20):
+        _assert_same(SPEC.decode(SPEC.encode(record)), _expected(record))
+
+
+@dataclasses.dataclass(frozen=True)
+class _WriteConfig:
+    output: str
+    n: int = 300
+    shards: int = 3
+    compression: str = ""
+    poison: bool = False
+
+
+def _build(pipeline, config: _WriteConfig):
+    records = _records(config.n)
+    if config.poison:
+        records[-1] = {**records[-1], "f_vector": [1.0, 2.0]}  # wrong shape: encoding fails
+    (
+        pipeline
+        | beam.Create(records, reshuffle=False)
+        | WriteTFRecordShards(SPEC, f"{config.output}/part", config.shards, config.compression)
+    )
+
+
+@pytest.mark.parametrize("compression", ["", "gzip"])
+def test_beam_writer_and_tfdata_reader_round_trip(tmp_path, compression):
+    out = tmp_path / "out"
+    run_pipeline(_build, _WriteConfig(output=str(out), compression=compression))
+    suffix = ".tfrecord.gz" if compression else ".tfrecord"
+    shards = sorted(p.name for p in out.glob("part-*"))
+    assert shards == [f"part-0000{i}-of-00003{suffix}" for i in range(3)]
+    if compression:
+        with gzip.open(out / shards[0]) as f:
+            f.read(16)  # really gzip
+
+    expected = {int(r["i_scalar"]): _expected(r) for r in _records(300)}
+    # The one-at-a-time reader.
+    seen = {int(d["i_scalar"]): d for d in read_examples(str(out / "part-*"), SPEC)}
+    assert sorted(seen) == sorted(expected)
+    for key, decoded in seen.items():
+        _assert_same(decoded, expected[key])
+
+    # The batched tf.data reader: same records, ragged features as RaggedTensor.
+    total = 0
+    for batch in tfrecord_dataset(str(out / "part-*"), SPEC, batch_size=64):
+        assert isinstance(batch["i_var"], tf.RaggedTensor)
+        assert batch["f_matrix"].shape[1:] == (2, 2)
+        for j in range(batch["i_scalar"].shape[0]):
+            key = int(batch["i_scalar"][j])
+            want = expected[key]
+            np.testing.assert_array_equal(batch["f_vector"][j].numpy(), want["f_vector"])
+            np.testing.assert_array_equal(batch["f_matrix"][j].numpy(), want["f_matrix"])
+            np.testing.assert_array_equal(batch["i_var"][j].numpy(), want["i_var"])
+            np.testing.assert_array_equal(batch["f_var"][j].numpy(), want["f_var"])
+            assert batch["b_var"][j].numpy().tolist() == want["b_var"]
+            assert batch["b_scalar"][j].numpy() == want["b_scalar"]
+            np.testing.assert_array_equal(batch["i_default"][j].numpy(), want["i_default"])
+            total += 1
+    assert total == 300
+
+
+def test_reader_shuffle_is_reproducible_with_a_seed(tmp_path):
+    out = tmp_path / "out"
+    run_pipeline(_build, _WriteConfig(output=str(out)))
+
+    def order(seed):
+        ds = tfrecord_dataset(
+            str(out / "part-*"), SPEC, 50, shuffle=True, seed=seed, shuffle_buffer=100
+        )
+        return np.concatenate([b["i_scalar"].numpy() for b in ds])
+
+    first, again, other = order(1), order(1), order(2)
+    np.testing.assert_array_equal(first, again)
+    assert sorted(first) == list(range(300))
+    assert not np.array_equal(first, other)
+
+
+def test_failed_write_leaves_no_output(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(Exception, match="f_vector"):
+        run_pipeline(_build, _WriteConfig(output=str(out), poison=True))
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no staging directory or temp shard left behind
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"i_scalar": 1.5}, "expects integers"),
+        ({"f_vector": [1, 2]}, r"expects shape \(3,\)"),
+        ({"b_scalar": 3}, "expects bytes"),
+        ({"f_vector": ["a", "b", "c"]}, "expects float32 numbers"),
+        ({"nope": 1}, "unknown features"),
+    ],
+)
+def test_spec_errors_name_the_feature(record, message):
+    good = _records(1)[0]
+    with pytest.raises(SpecError, match=message):
+        SPEC.encode({**good, **record})
+
+
+def test_missing_feature_without_default_is_an_error():
+    record = _records(1)[0]
+    del record["i_scalar"]
+    with pytest.raises(SpecError, match="'i_scalar' is missing"):
+        SPEC.encode(record)
+
+
+def test_reader_names_a_pattern_that_matches_nothing(tmp_path):
+    with pytest.raises(InputError, match="no TFRecord files match"):
+        list_shards(str(tmp_path / "nothing-*.tfrecord"))

@@ -1,0 +1,149 @@
+"""Reading raw text inputs and writing the small files every pipeline leaves beside its outputs.
+
+* `ReadLines`: lines of text files with their file and line number, so a rejected record can name where it
+  came from (gzip and other compressions by extension). Files are read whole by one worker each and the
+  lines reshuffled, which parallelises parsing; inputs meant for scale come as many files (as Criteo's
+  daily logs do).
+* `CountAll`: counts of several PCollections as one dict, for report.json and reconciliation checks.
+* `WriteJson` / `WriteJsonLines`: a single JSON file or line-delimited JSON, written by Beam's text sink.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from headrace.runners.errors import InputError
+
+__all__ = [
+    "CountAll",
+    "Line",
+    "ReadLines",
+    "Rejected",
+    "WriteJson",
+    "WriteJsonLines",
+    "match_files",
+]
+
+
+class Line(NamedTuple):
+    """A line of an input file: its path, 1-based line number and text (without the newline)."""
+
+    path: str
+    number: int
+    text: str
+
+
+class Rejected(NamedTuple):
+    """An input record not used, with where it came from and why."""
+
+    source: str
+    line: int
+    reason: str
+    text: str
+
+    def to_json(self) -> str:
+        return json.dumps(self._asdict(), ensure_ascii=False)
+
+
+def match_files(file_pattern: str, *, flag: str = "--input") -> list[str]:
+    """Files matching a pattern (checked when the pipeline is built, so the error names the flag)."""
+    try:
+        results = FileSystems.match([file_pattern])
+    except Exception as exc:  # Beam wraps "no match" and permission errors alike
+        raise InputError(f"{flag} {file_pattern}: {exc}") from None
+    files = sorted(m.path for r in results for m in r.metadata_list)
+    if not files:
+        raise InputError(f"{flag} {file_pattern}: no files match")
+    return files
+
+
+class _ReadFile(beam.DoFn):
+    def __init__(self, skip_header_lines: int):
+        self._skip = skip_header_lines
+        self._lines = beam.metrics.Metrics.counter("input", "lines_read")
+        self._files = beam.metrics.Metrics.counter("input", "files_read")
+
+    def process(self, path: str):
+        with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as f:
+            number = 0
+            while True:
+                raw = f.readline()
+                if not raw:
+                    break
+                number += 1
+                if number <= self._skip:
+                    continue
+                text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+                self._lines.inc()
+                yield Line(path, number, text)
+        self._files.inc()
+
+
+@beam.ptransform_fn
+@beam.typehints.with_output_types(Line)
+def ReadLines(pbegin, file_pattern: str, *, skip_header_lines: int = 0, reshuffle: bool = True):
+    """Every line of the matching files as a `Line`; the files are listed when the pipeline is built."""
+    files = match_files(file_pattern)
+    lines = (
+        pbegin
+        | "ListFiles" >> beam.Create(files)
+        | "ReadFiles" >> beam.ParDo(_ReadFile(skip_header_lines))
+    )
+    if reshuffle:
+        lines = lines | "Spread" >> beam.Reshuffle()
+    return lines
+
+
+@beam.ptransform_fn
+def CountAll(pcolls: Mapping[str, Any]):
+    """``{name: pcoll}`` -> a single-element PCollection ``{name: count}`` (zero for empty inputs)."""
+    pipeline = next(iter(pcolls.values())).pipeline
+    counted = []
+    for name, pcoll in pcolls.items():
+        counted.append(
+            pcoll
+            | f"Count[{name}]" >> beam.combiners.Count.Globally()
+            | f"Name[{name}]" >> beam.Map(lambda n, name=name: (name, n))
+        )
+    return (
+        (tuple(counted) if counted else (pipeline | beam.Create([])))
+        | "Merge" >> beam.Flatten()
+        | "ToDict" >> beam.combiners.ToDict()
+    )
+
+
+@beam.ptransform_fn
+def WriteJson(pcoll, path: str):
+    """Writes the single dict in `pcoll` to `path` as indented JSON."""
+    return (
+        pcoll
+        | "Dumps" >> beam.Map(lambda d: json.dumps(d, indent=2, sort_keys=True, default=_jsonable))
+        | "Write" >> beam.io.WriteToText(path, shard_name_template="", num_shards=1)
+    )
+
+
+@beam.ptransform_fn
+def WriteJsonLines(pcoll, file_path_prefix: str, *, num_shards: int = 1):
+    """Writes dicts (or objects with ``to_json``) one per line to ``PREFIX-SSSSS-of-NNNNN.jsonl``."""
+    return (
+        pcoll
+        | "Dumps"
+        >> beam.Map(
+            lambda r: r.to_json() if hasattr(r, "to_json") else json.dumps(r, default=_jsonable)
+        )
+        | "Write"
+        >> beam.io.WriteToText(file_path_prefix, file_name_suffix=".jsonl", num_shards=num_shards)
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    try:  # numpy scalars and arrays
+        return value.tolist()
+    except AttributeError:
+        return str(value)
