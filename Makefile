@@ -9,7 +9,7 @@ HEADRACE := $(VENV)/bin/headrace
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all jars lint format wheel lock bench clean
+.PHONY: install demo test test-all jars lint format wheel lock bench-deps clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ format: $(STAMP)
 # The wheel Dataflow workers install (staged with --extra_package by the DataflowRunner path).
 wheel: $(STAMP)
 	$(PY) -m pip wheel --no-deps --wheel-dir dist .
+
+# Baselines the benchmarks compare against (crowd-kit), installed under the same constraints.
+bench-deps: $(STAMP)
+	$(PY) -m pip install --quiet --constraint constraints.txt -r bench/requirements.txt
 
 # Re-lock after changing dependencies in pyproject.toml.
 lock:

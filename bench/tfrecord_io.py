@@ -47,9 +47,7 @@ def build_write(pipeline, config: WriteConfig):
     chunk = 10_000
     (
         pipeline
-        | beam.Create(
-            [(s, min(chunk, config.records - s)) for s in range(0, config.records, chunk)]
-        )
+        | beam.Create([(s, min(chunk, config.records - s)) for s in range(0, config.records, chunk)])
         # Default argument: worker processes have no __main__ globals (save_main_session is off).
         | beam.FlatMap(lambda sc, gen=generate_lines: gen(0, sc[0], sc[1], 0))
         | beam.Map(parse_line)
@@ -105,9 +103,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=200_000)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--naive-records", type=int, default=50_000, help="the naive reader reads this many"
-    )
+    parser.add_argument("--naive-records", type=int, default=50_000, help="the naive reader reads this many")
     args = parser.parse_args(argv)
     root = tempfile.mkdtemp(prefix="bench-tfrecord-")
     try:

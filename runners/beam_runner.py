@@ -49,6 +49,7 @@ from headrace.runners.errors import ConfigError, HeadraceError
 
 __all__ = [
     "RUNNERS",
+    "WORK_DIR",
     "RunResult",
     "create_pipeline",
     "pipeline_options",
@@ -76,6 +77,10 @@ _ALIASES = {
     "portable": "PortableRunner",
 }
 _LOCAL_FLINK_MASTERS = ("[local]", "[auto]", "localhost", "127.0.0.1")
+
+# Pipelines may keep intermediate files under OUTPUT/.work (e.g. EM chunks read every iteration); the
+# directory is removed before the output is committed, and never appears in a finished output.
+WORK_DIR = ".work"
 
 
 def resolve_runner(name: str | None) -> str:
@@ -185,9 +190,7 @@ def create_pipeline(
     dry_run: bool = False,
 ) -> beam.Pipeline:
     """A `beam.Pipeline` for `runner`; the only place headrace creates one from flags."""
-    runner_obj, options = pipeline_options(
-        runner, beam_args, streaming=streaming, job_name=job_name
-    )
+    runner_obj, options = pipeline_options(runner, beam_args, streaming=streaming, job_name=job_name)
     if dry_run:
         options.view_as(TestOptions).dry_run = True
     # Pickle the main session is never needed: DoFns are module-level and import what they use.
@@ -231,9 +234,7 @@ class staged_output:
                 raise HeadraceError(f"output {self.output} already exists; pass --overwrite")
             return self.staging
         if self.output.exists() and not self.overwrite:
-            raise HeadraceError(
-                f"output {self.output} already exists; pass --overwrite to replace it"
-            )
+            raise HeadraceError(f"output {self.output} already exists; pass --overwrite to replace it")
         self.output.parent.mkdir(parents=True, exist_ok=True)
         self.staging.mkdir()
         return self.staging
@@ -245,6 +246,7 @@ class staged_output:
         if exc_type is not None:
             shutil.rmtree(self.staging, ignore_errors=True)
             return
+        shutil.rmtree(self.staging / WORK_DIR, ignore_errors=True)
         if self.output.exists():
             trash = self.output.parent / f".{self.output.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(self.output, trash)
@@ -256,17 +258,17 @@ class staged_output:
     def _exit_remote(self, *, failed: bool) -> None:
         from apache_beam.io.filesystems import FileSystems
 
-        staged = [
-            m.path for r in FileSystems.match([self.staging + "/**"]) for m in r.metadata_list
-        ]
+        staged = [m.path for r in FileSystems.match([self.staging + "/**"]) for m in r.metadata_list]
         if failed:
             if staged:
                 FileSystems.delete(staged)
             return
+        work = [p for p in staged if p.startswith(f"{self.staging}/{WORK_DIR}/")]
+        if work:
+            FileSystems.delete(work)
+        staged = [p for p in staged if p not in set(work)]
         if self.overwrite:
-            old = [
-                m.path for r in FileSystems.match([self.output + "/**"]) for m in r.metadata_list
-            ]
+            old = [m.path for r in FileSystems.match([self.output + "/**"]) for m in r.metadata_list]
             if old:
                 FileSystems.delete(old)
         FileSystems.rename(staged, [self.output + p[len(self.staging) :] for p in staged])

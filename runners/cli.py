@@ -109,15 +109,11 @@ def _resolve_config(command: commands.Command, argv: Sequence[str], *, allow_unk
     known, _ = pre.parse_known_args(argv)
     registered = config_lib.lookup(known.config)
     if registered.command != command.key:
-        raise ConfigError(
-            f"--config {known.config!r} is for `{registered.command}`, not `{command.key}`"
-        )
+        raise ConfigError(f"--config {known.config!r} is for `{registered.command}`, not `{command.key}`")
     base = config_lib.get(known.config)
 
     parser = _Parser(prog=f"headrace {command.key}", description=command.summary)
-    parser.add_argument(
-        "--config", default=command.default_config, help="registered config to start from"
-    )
+    parser.add_argument("--config", default=command.default_config, help="registered config to start from")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a (nested) field"
     )
@@ -168,9 +164,7 @@ def _check_beam_args(beam_args: Sequence[str], command_key: str) -> None:
     flags = [u for u in unknown if u.startswith("-")]
     if flags or unknown:
         bad = (flags or unknown)[0]
-        raise ConfigError(
-            f"unknown flag {bad!r}: not a flag of `headrace {command_key}` nor a Beam option"
-        )
+        raise ConfigError(f"unknown flag {bad!r}: not a flag of `headrace {command_key}` nor a Beam option")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -180,9 +174,7 @@ def _check_beam_args(beam_args: Sequence[str], command_key: str) -> None:
 
 def _run(name: str, argv: Sequence[str]) -> int:
     if name not in commands.PIPELINES:
-        raise ConfigError(
-            f"unknown pipeline {name!r} (pipelines: {', '.join(sorted(commands.PIPELINES))})"
-        )
+        raise ConfigError(f"unknown pipeline {name!r} (pipelines: {', '.join(sorted(commands.PIPELINES))})")
     command = commands.PIPELINES[name]
     config, args, beam_args = _resolve_config(command, argv, allow_unknown=True)
     _setup_logging(args.verbose)
@@ -192,16 +184,12 @@ def _run(name: str, argv: Sequence[str]) -> int:
     build = command.load()
     if args.dry_run:
         pipeline = beam_runner.create_pipeline(args.runner, beam_args, dry_run=True)
-        build(
-            pipeline, dataclasses.replace(config, output=config.output or "/tmp/headrace-dry-run")
-        )
+        build(pipeline, dataclasses.replace(config, output=config.output or "/tmp/headrace-dry-run"))
         if beam_runner.resolve_runner(args.runner) == "DataflowRunner":
             pipeline.run()  # DataflowRunner's dry_run builds and validates the job without submitting
         else:
             pipeline.to_runner_api()
-        print(
-            f"{command.key}: pipeline built and validated for {beam_runner.resolve_runner(args.runner)}"
-        )
+        print(f"{command.key}: pipeline built and validated for {beam_runner.resolve_runner(args.runner)}")
         return 0
     result = beam_runner.run_pipeline(
         build,
@@ -220,9 +208,7 @@ def _run(name: str, argv: Sequence[str]) -> int:
 
 def _train(name: str, argv: Sequence[str]) -> int:
     if name not in commands.TRAINERS:
-        raise ConfigError(
-            f"unknown model {name!r} (models: {', '.join(sorted(commands.TRAINERS))})"
-        )
+        raise ConfigError(f"unknown model {name!r} (models: {', '.join(sorted(commands.TRAINERS))})")
     command = commands.TRAINERS[name]
     # Virtual CPU devices must exist before TensorFlow starts: parse the mesh first.
     config, args, _ = _resolve_config(command, argv, allow_unknown=False)
@@ -269,9 +255,7 @@ def _configs(argv: Sequence[str]) -> int:
 def _jars(argv: Sequence[str]) -> int:
     parser = _Parser(prog="headrace jars")
     sub = parser.add_subparsers(dest="action", required=True)
-    fetch = sub.add_parser(
-        "fetch", help="build the Java jars from Maven Central into the cache (once)"
-    )
+    fetch = sub.add_parser("fetch", help="build the Java jars from Maven Central into the cache (once)")
     fetch.add_argument("--force", action="store_true")
     sub.add_parser("path", help="where the jars are cached")
     args = parser.parse_args(argv)
@@ -289,9 +273,7 @@ def _jars(argv: Sequence[str]) -> int:
 
 def _demo(argv: Sequence[str]) -> int:
     parser = _Parser(prog="headrace demo", description="the main job on embedded defaults")
-    parser.add_argument(
-        "--workdir", default="headrace-demo", help="where the demo writes (replaced)"
-    )
+    parser.add_argument("--workdir", default="headrace-demo", help="where the demo writes (replaced)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
@@ -307,8 +289,7 @@ def _usage() -> str:
         "headrace: Beam pipelines that turn raw data into sharded tf.data input, and DTensor trainers.",
         "",
         "  run PIPELINE     run a Beam pipeline: " + ", ".join(sorted(commands.PIPELINES)),
-        "  train MODEL      train a model on a DTensor mesh: "
-        + ", ".join(sorted(commands.TRAINERS)),
+        "  train MODEL      train a model on a DTensor mesh: " + ", ".join(sorted(commands.TRAINERS)),
         "  configs          list / show registered configs",
         "  demo             run every pipeline and trainer on small embedded data",
         "  jars             build / locate the Java jars (Flink job server)",

@@ -44,6 +44,14 @@ PIPELINES = {
             "example",
             "CSV records -> validated, split TFRecord shards (the foundation's example)",
         ),
+        Command(
+            "run",
+            "crowd-labels",
+            "headrace.pipelines.crowd",
+            "build_crowd_labels",
+            "crowd-labels",
+            "crowdsourced labels -> majority vote, Dawid-Skene or GroupAnno EM aggregation",
+        ),
     ]
 }
 
@@ -57,6 +65,14 @@ TRAINERS = {
             "train_and_evaluate",
             "mlp",
             "the example MLP on the example shards, data and model parallel",
+        ),
+        Command(
+            "train",
+            "crowd-classifier",
+            "headrace.runners.train_crowd_classifier",
+            "train_and_evaluate",
+            "crowd-classifier",
+            "a text classifier learned from crowd-labels posteriors (soft labels)",
         ),
     ]
 }

@@ -25,9 +25,7 @@ def _example(workdir: Path) -> tuple[str, str]:
     from headrace.pipelines.example import ExampleConfig, build_example
     from headrace.runners.beam_runner import run_pipeline
 
-    result = run_pipeline(
-        build_example, ExampleConfig(output=str(workdir / "example")), overwrite=True
-    )
+    result = run_pipeline(build_example, ExampleConfig(output=str(workdir / "example")), overwrite=True)
     r = json.loads((result.output / "report.json").read_text())
     return (
         "run example (FnApiRunner)",
@@ -56,9 +54,55 @@ def _mlp(workdir: Path) -> tuple[str, str]:
     )
 
 
+def _crowd(workdir: Path) -> tuple[str, str]:
+    from headrace.pipelines.crowd import CrowdConfig, build_crowd_labels
+    from headrace.pipelines.crowd_data import generate
+    from headrace.runners.beam_runner import run_pipeline
+
+    data = generate(workdir / "crowd-data", num_tasks=3000, num_workers=3000, labels_per_task=5, seed=7)
+    acc, seconds = {}, 0.0
+    for method in ("majority_vote", "dawid_skene", "groupanno"):
+        result = run_pipeline(
+            build_crowd_labels,
+            CrowdConfig(
+                annotations=data.annotations,
+                annotators=data.annotators,
+                tasks=data.tasks,
+                truth=data.truth,
+                output=str(workdir / f"crowd-{method}"),
+                method=method,
+                iterations=30,
+            ),
+        )
+        seconds += result.seconds
+        acc[method] = json.loads((result.output / "report.json").read_text())["truth"]["accuracy"]
+    return (
+        "run crowd-labels (FnApiRunner)",
+        f"{data.num_annotations:,} labels, ~5 per worker, 3 biased groups: accuracy MV {acc['majority_vote']:.3f}, "
+        f"DS {acc['dawid_skene']:.3f}, GroupAnno {acc['groupanno']:.3f} ({seconds:.1f}s)",
+    )
+
+
+def _crowd_classifier(workdir: Path) -> tuple[str, str]:
+    from headrace.runners.train_crowd_classifier import CrowdClassifierConfig, train_and_evaluate
+
+    m = train_and_evaluate(
+        CrowdClassifierConfig(
+            data=str(workdir / "crowd-groupanno"), output=str(workdir / "crowd-classifier"), mesh=MESH
+        )
+    )
+    return (
+        f"train crowd-classifier ({m['device_type']} mesh {MESH})",
+        f"held-out accuracy {m['accuracy_vs_truth']:.3f} vs truth ({m['eval_tasks']} tasks; "
+        f"GroupAnno labels there {m['aggregated_accuracy_vs_truth']:.3f}), {m['examples_per_sec']:,.0f} ex/s",
+    )
+
+
 STAGES: list[tuple[str, Callable[[Path], tuple[str, str]]]] = [
     ("example", _example),
     ("mlp", _mlp),
+    ("crowd-labels", _crowd),
+    ("crowd-classifier", _crowd_classifier),
 ]
 
 

@@ -69,9 +69,7 @@ def jar_path(name: str) -> Path:
 def fetch(names: list[str] | None = None, *, force: bool = False) -> list[Path]:
     """Builds the named jars (default: all) with Maven into the cache; skips those already there."""
     if shutil.which("mvn") is None:
-        raise MissingDependencyError(
-            "`mvn` (Apache Maven) is not on PATH; it builds headrace's jars"
-        )
+        raise MissingDependencyError("`mvn` (Apache Maven) is not on PATH; it builds headrace's jars")
     built = []
     for name in names or sorted(JARS):
         jar = JARS[name]
@@ -81,9 +79,7 @@ def fetch(names: list[str] | None = None, *, force: bool = False) -> list[Path]:
         jar.path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=f"headrace-{name}-") as work:
             pom = Path(work) / "pom.xml"
-            pom.write_bytes(
-                resources.files("headrace.runners").joinpath("maven", jar.pom).read_bytes()
-            )
+            pom.write_bytes(resources.files("headrace.runners").joinpath("maven", jar.pom).read_bytes())
             _log.info("building %s with Maven (first time only)", jar.filename)
             proc = subprocess.run(
                 ["mvn", "-B", "-q", "-f", str(pom), "package"],
@@ -95,9 +91,7 @@ def fetch(names: list[str] | None = None, *, force: bool = False) -> list[Path]:
                 tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
                 raise MissingDependencyError(f"Maven failed to build {jar.filename}:\n{tail}")
             (produced,) = [
-                p
-                for p in (Path(work) / "target").glob("*.jar")
-                if not p.name.startswith("original-")
+                p for p in (Path(work) / "target").glob("*.jar") if not p.name.startswith("original-")
             ]
             tmp = jar.path.with_suffix(".jar.partial")
             shutil.copyfile(produced, tmp)

@@ -58,9 +58,7 @@ def parse_mesh(spec: str | Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
     for part in spec.split(","):
         name, sep, size = part.strip().partition("=")
         if not sep or not name.strip().isidentifier():
-            raise ConfigError(
-                f"--mesh {spec!r}: expected NAME=SIZE[,NAME=SIZE...], e.g. batch=4,model=2"
-            )
+            raise ConfigError(f"--mesh {spec!r}: expected NAME=SIZE[,NAME=SIZE...], e.g. batch=4,model=2")
         try:
             n = int(size)
         except ValueError:
@@ -209,7 +207,5 @@ def variable(value, lay=None, *, name: str | None = None, trainable: bool = True
     if lay is None:
         return tf.Variable(value, name=name, trainable=trainable)
     value = tf.convert_to_tensor(value)
-    laid = dtensor.relayout(
-        dtensor.copy_to_mesh(value, replicated(lay.mesh, value.shape.rank)), lay
-    )
+    laid = dtensor.relayout(dtensor.copy_to_mesh(value, replicated(lay.mesh, value.shape.rank)), lay)
     return dtensor.DVariable(laid, name=name, trainable=trainable)

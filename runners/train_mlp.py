@@ -61,9 +61,7 @@ def _pad_to_multiple(inputs: dict, multiple: int) -> tuple[dict, int]:
     n = int(inputs["label"].shape[0])
     pad = (-n) % multiple
     if pad:
-        inputs = {
-            k: tf.concat([v, tf.repeat(v[-1:], pad, axis=0)], axis=0) for k, v in inputs.items()
-        }
+        inputs = {k: tf.concat([v, tf.repeat(v[-1:], pad, axis=0)], axis=0) for k, v in inputs.items()}
     return inputs, n
 
 
@@ -148,7 +146,5 @@ def train_and_evaluate(config: MLPTrainConfig) -> dict:
     )
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
     checkpoint.write(str(out / "checkpoint" / "ckpt"))
-    _log.info(
-        "mlp: eval auc=%.4f logloss=%.4f (%d examples)", result["auc"], result["logloss"], len(y)
-    )
+    _log.info("mlp: eval auc=%.4f logloss=%.4f (%d examples)", result["auc"], result["logloss"], len(y))
     return result

@@ -129,9 +129,7 @@ class Adam(tf.Module):
 class Progress:
     """Logs ``step N/total loss=... steps/s ex/s eta`` at most every `every_seconds`."""
 
-    def __init__(
-        self, total_steps: int | None, batch_size: int, every_seconds: float = 10.0, name="train"
-    ):
+    def __init__(self, total_steps: int | None, batch_size: int, every_seconds: float = 10.0, name="train"):
         self.total, self.batch_size, self.every = total_steps, batch_size, every_seconds
         self.name = name
         self.start = self.last = time.perf_counter()
@@ -176,9 +174,7 @@ class Summaries:
         self.writer.close()
 
 
-def plot_curves(
-    path: str | Path, curves: Mapping[str, tuple[Iterable[float], Iterable[float]]], title: str
-):
+def plot_curves(path: str | Path, curves: Mapping[str, tuple[Iterable[float], Iterable[float]]], title: str):
     """One panel per curve (``name -> (steps, values)``), saved as a PNG."""
     import matplotlib
 

@@ -47,7 +47,5 @@ def example_output(tmp_path_factory) -> Path:
     from headrace.runners.beam_runner import run_pipeline
 
     out = tmp_path_factory.mktemp("example") / "out"
-    run_pipeline(
-        build_example, ExampleConfig(output=str(out), num_records=4000, malformed_every=100)
-    )
+    run_pipeline(build_example, ExampleConfig(output=str(out), num_records=4000, malformed_every=100))
     return out

@@ -91,9 +91,7 @@ def ReadLines(pbegin, file_pattern: str, *, skip_header_lines: int = 0, reshuffl
     """Every line of the matching files as a `Line`; the files are listed when the pipeline is built."""
     files = match_files(file_pattern)
     lines = (
-        pbegin
-        | "ListFiles" >> beam.Create(files)
-        | "ReadFiles" >> beam.ParDo(_ReadFile(skip_header_lines))
+        pbegin | "ListFiles" >> beam.Create(files) | "ReadFiles" >> beam.ParDo(_ReadFile(skip_header_lines))
     )
     if reshuffle:
         lines = lines | "Spread" >> beam.Reshuffle()
@@ -134,11 +132,8 @@ def WriteJsonLines(pcoll, file_path_prefix: str, *, num_shards: int = 1):
     return (
         pcoll
         | "Dumps"
-        >> beam.Map(
-            lambda r: r.to_json() if hasattr(r, "to_json") else json.dumps(r, default=_jsonable)
-        )
-        | "Write"
-        >> beam.io.WriteToText(file_path_prefix, file_name_suffix=".jsonl", num_shards=num_shards)
+        >> beam.Map(lambda r: r.to_json() if hasattr(r, "to_json") else json.dumps(r, default=_jsonable))
+        | "Write" >> beam.io.WriteToText(file_path_prefix, file_name_suffix=".jsonl", num_shards=num_shards)
     )
 
 

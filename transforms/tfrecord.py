@@ -106,9 +106,7 @@ class FeatureSpec:
                 elif isinstance(item, np.bytes_):
                     item = bytes(item)
                 if not isinstance(item, bytes):
-                    raise SpecError(
-                        f"{self.name}: feature {key!r} expects bytes, got {type(item).__name__}"
-                    )
+                    raise SpecError(f"{self.name}: feature {key!r} expects bytes, got {type(item).__name__}")
                 out.append(item)
         else:
             arr = np.asarray(value)
@@ -117,9 +115,7 @@ class FeatureSpec:
                     f"{self.name}: feature {key!r} expects {feature.dtype} numbers, got {arr.dtype}"
                 )
             if feature.dtype == "int64":
-                if arr.dtype.kind == "f" and (
-                    not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr))
-                ):
+                if arr.dtype.kind == "f" and (not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr))):
                     raise SpecError(f"{self.name}: feature {key!r} expects integers, got {value!r}")
                 out = arr.astype(np.int64).ravel()
             else:
@@ -242,9 +238,7 @@ def WriteTFRecordShards(
     no shard behind. Returns the written paths.
     """
     if num_shards < 1:
-        raise ValueError(
-            "num_shards must be >= 1 (a fixed count keeps the output layout reproducible)"
-        )
+        raise ValueError("num_shards must be >= 1 (a fixed count keeps the output layout reproducible)")
     from apache_beam.io.filesystem import CompressionTypes
 
     return (
@@ -331,15 +325,11 @@ def tfrecord_dataset(
     return ds
 
 
-def read_examples(
-    file_pattern: str | Sequence[str], spec: FeatureSpec
-) -> Iterable[dict[str, np.ndarray]]:
+def read_examples(file_pattern: str | Sequence[str], spec: FeatureSpec) -> Iterable[dict[str, np.ndarray]]:
     """Every record in the shards, one at a time, decoded to numpy (for tests and small outputs)."""
     tf = _tf()
     files = list_shards(file_pattern)
     compression = _compression_of(files)
     for f in files:
-        for serialized in tf.data.TFRecordDataset(
-            f, compression_type=compression
-        ).as_numpy_iterator():
+        for serialized in tf.data.TFRecordDataset(f, compression_type=compression).as_numpy_iterator():
             yield spec.decode(serialized)

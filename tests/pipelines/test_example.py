@@ -91,16 +91,12 @@ def test_outputs_equal_a_plain_python_reference_and_counts_reconcile(example_out
 
 def test_csv_input_rejects_name_file_and_line(tmp_path):
     src = tmp_path / "in.csv"
-    src.write_text(
-        "id,x0,x1,x2,x3,tokens,label\nr1,1,2,3,4,5 6,1\nr2,1,2,3,4,,2\nr3,1,2,3\nr4,0,0,0,0,,0\n"
-    )
+    src.write_text("id,x0,x1,x2,x3,tokens,label\nr1,1,2,3,4,5 6,1\nr2,1,2,3,4,,2\nr3,1,2,3\nr4,0,0,0,0,,0\n")
     out = tmp_path / "out"
     run_pipeline(build_example, ExampleConfig(output=str(out), input=str(src), shards=2))
     report = json.loads((out / "report.json").read_text())
     assert (report["read"], report["rejected"], report["train"] + report["eval"]) == (4, 2, 2)
-    rejected = [
-        json.loads(x) for x in (out / "rejected-00000-of-00001.jsonl").read_text().splitlines()
-    ]
+    rejected = [json.loads(x) for x in (out / "rejected-00000-of-00001.jsonl").read_text().splitlines()]
     assert sorted((r["source"], r["line"], r["reason"].split(":")[0]) for r in rejected) == [
         (str(src), 3, "field label"),
         (str(src), 4, "field count"),

@@ -71,13 +71,9 @@ def test_dataflow_graph_builds_and_validates_without_submitting(tmp_path):
         "--temp_location=gs://headrace-test/tmp",
         "--sdk_container_image=apache/beam_python3.11_sdk:2.62.0",
     ]
-    pipeline = beam_runner.create_pipeline(
-        "DataflowRunner", args, dry_run=True, job_name="headrace-test"
-    )
+    pipeline = beam_runner.create_pipeline("DataflowRunner", args, dry_run=True, job_name="headrace-test")
     build_example(pipeline, ExampleConfig(output="gs://headrace-test/out", num_records=100))
-    result = (
-        pipeline.run()
-    )  # validates options and translates the graph; dry_run stops before submit
+    result = pipeline.run()  # validates options and translates the graph; dry_run stops before submit
     job = result.job.proto
     assert job.name == "headrace-test"
     names = {t.unique_name for t in result.job.proto_pipeline.components.transforms.values()}

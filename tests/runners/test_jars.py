@@ -14,9 +14,7 @@ from headrace.runners import jars
 def test_jar_version_is_pinned_to_the_beam_sdk():
     assert apache_beam.__version__ == jars.BEAM_VERSION
     pom = resources.files("headrace.runners").joinpath("maven", "flink-job-server.xml").read_text()
-    assert (
-        re.search(r"<beam.version>([^<]+)</beam.version>", pom).group(1) == apache_beam.__version__
-    )
+    assert re.search(r"<beam.version>([^<]+)</beam.version>", pom).group(1) == apache_beam.__version__
 
 
 def test_jar_runs_beams_flink_job_server(flink_jar):

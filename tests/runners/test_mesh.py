@@ -40,9 +40,7 @@ def test_shard_batch_gives_each_device_its_slice():
         mesh_lib.shard_batch(mesh, np.zeros((6, 3)))
 
 
-@pytest.mark.parametrize(
-    "dims", [(None, None), (None, "model"), ("batch", "model"), ("model", None)]
-)
+@pytest.mark.parametrize("dims", [(None, None), (None, "model"), ("batch", "model"), ("model", None)])
 def test_initial_values_do_not_depend_on_the_layout(dims):
     mesh = mesh_lib.create_mesh("batch=4,model=2")
     value = mesh_lib.initial_value((8, 6), seed=3, kind="normal")

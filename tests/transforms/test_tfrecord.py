@@ -151,9 +151,7 @@ def test_reader_shuffle_is_reproducible_with_a_seed(tmp_path):
     run_pipeline(_build, _WriteConfig(output=str(out)))
 
     def order(seed):
-        ds = tfrecord_dataset(
-            str(out / "part-*"), SPEC, 50, shuffle=True, seed=seed, shuffle_buffer=100
-        )
+        ds = tfrecord_dataset(str(out / "part-*"), SPEC, 50, shuffle=True, seed=seed, shuffle_buffer=100)
         return np.concatenate([b["i_scalar"].numpy() for b in ds])
 
     first, again, other = order(1), order(1), order(2)
