@@ -762,10 +762,16 @@ def build_crowd_labels(pipeline: beam.Pipeline, config: CrowdConfig) -> dict:
     params = None
     if config.method != "majority_vote":
         settings = _settings(config)
+        # The chunk references plus one sentinel, from one producer: Flink's job server (Beam 2.62)
+        # fails on a Flatten feeding ParDos whose side inputs derive from its own output ("A
+        # PCollectionNode should have exactly one producing PTransformNode"). The Reshuffle spreads
+        # the references over workers again.
         carried = (
-            chunks,
-            pipeline | "Sentinel" >> beam.Create([em.SENTINEL]),
-        ) | "WithSentinel" >> beam.Flatten()
+            chunks
+            | "ChunkList" >> beam.combiners.ToList()
+            | "WithSentinel" >> beam.FlatMap(lambda refs: [*refs, em.SENTINEL])
+            | "SpreadChunks" >> beam.Reshuffle()
+        )
         stats = (
             carried
             | "MajorityStats" >> beam.ParDo(em.EMStep(settings, majority=True), vocab_si)
@@ -850,7 +856,7 @@ def build_crowd_labels(pipeline: beam.Pipeline, config: CrowdConfig) -> dict:
             counts[f"t_{split}"] = _count(outputs[split], f"T{split.title()}")
         counts["t_rejected_join"] = _count(outputs.rejected, "TJoinRejected")
 
-    rejected = tuple(rejected_parts) | "AllRejected" >> beam.Flatten()
+    rejected = _fan_out(tuple(rejected_parts), "AllRejected")
     (
         rejected
         | "RejectedRows" >> beam.Map(_rejected_rows)
@@ -885,6 +891,11 @@ def build_crowd_labels(pipeline: beam.Pipeline, config: CrowdConfig) -> dict:
     )
     report | "WriteReport" >> WriteJson(f"{out}/report.json")
     return {"report": report, "rejected": rejected, "params": params, "chunks": chunks}
+
+
+def _fan_out(pcolls: tuple, label: str):
+    """A Flatten whose result feeds several consumers, materialised once by a Reshuffle."""
+    return pcolls | f"{label}Flatten" >> beam.Flatten() | f"{label}" >> beam.Reshuffle()
 
 
 def _annotation_files(config: CrowdConfig) -> set[str]:

@@ -316,3 +316,28 @@ def test_contract_command_line(small, tmp_path):
     header = (out / "labels.csv").read_text().splitlines()[0]
     assert header == "task,label,confidence"
     assert (out / "posteriors.csv").read_text().splitlines()[0] == "task,c0,c1,c2"
+
+
+@pytest.mark.flink
+def test_flink_gives_the_same_result_as_fnapi(small, tmp_path, flink_jar):
+    common = dict(
+        annotations=small.annotations,
+        annotators=small.annotators,
+        tasks=small.tasks,
+        method="groupanno",
+        iterations=5,
+    )
+    local, local_report = _run(tmp_path, "local", **common)
+    out = tmp_path / "flink"
+    run_pipeline(
+        build_crowd_labels,
+        CrowdConfig(output=str(out), **common),
+        runner="FlinkRunner",
+        beam_args=["--parallelism=2"],
+    )
+    flink_report = json.loads((out / "report.json").read_text())
+    assert flink_report == local_report
+    a, b = _posteriors(out).sort_index(), _posteriors(local).sort_index()
+    assert list(a.index) == list(b.index)
+    np.testing.assert_allclose(a.to_numpy(), b.to_numpy(), rtol=0, atol=1e-12)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in local.iterdir())
