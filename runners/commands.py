@@ -52,6 +52,14 @@ PIPELINES = {
             "crowd-labels",
             "crowdsourced labels -> majority vote, Dawid-Skene or GroupAnno EM aggregation",
         ),
+        Command(
+            "run",
+            "ctr-ingest",
+            "headrace.pipelines.ctr",
+            "build_ctr_ingest",
+            "ctr-ingest",
+            "Criteo TSV / Parquet CTR logs -> sharded TFRecords, feature statistics, vocabularies",
+        ),
     ]
 }
 

@@ -98,11 +98,35 @@ def _crowd_classifier(workdir: Path) -> tuple[str, str]:
     )
 
 
+def _ctr_ingest(workdir: Path) -> tuple[str, str]:
+    from headrace.pipelines.ctr import CtrIngestConfig, build_ctr_ingest
+    from headrace.pipelines.ctr_data import generate
+    from headrace.runners.beam_runner import run_pipeline
+
+    log = generate(
+        workdir / "ctr-log" / "day0.tsv.gz", 200_000, seed=0, malformed_every=20_000, compress=True
+    )
+    result = run_pipeline(
+        build_ctr_ingest, CtrIngestConfig(input=log.path, output=str(workdir / "ctr"), min_count=5)
+    )
+    r = json.loads((result.output / "report.json").read_text())
+    stats = json.loads((result.output / "stats.json").read_text())["fields"]
+    kept = sum(stats[f"C{i}"]["kept"] for i in range(1, 27))
+    distinct = sum(stats[f"C{i}"]["distinct"] for i in range(1, 27))
+    return (
+        "run ctr-ingest (FnApiRunner)",
+        f"{r['read']:,} lines = {r['train']:,} train + {r['eval']:,} eval + {r['rejected']} rejected; "
+        f"{kept:,} of {distinct:,} categorical values seen >= 5 times; "
+        f"{r['read'] / result.seconds:,.0f} lines/s",
+    )
+
+
 STAGES: list[tuple[str, Callable[[Path], tuple[str, str]]]] = [
     ("example", _example),
     ("mlp", _mlp),
     ("crowd-labels", _crowd),
     ("crowd-classifier", _crowd_classifier),
+    ("ctr-ingest", _ctr_ingest),
 ]
 
 

@@ -29,6 +29,7 @@ from headrace.transforms.io import Rejected, match_files
 __all__ = [
     "CsvBatch",
     "ReadCsvBatches",
+    "ReadParquetBatches",
     "check_header",
     "iter_csv_batches",
     "partition",
@@ -62,6 +63,18 @@ def _open(path: str):
     return FileSystems.open(path, compression_type=CompressionTypes.AUTO)
 
 
+_ARROW_CODECS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4"}
+
+
+def _open_arrow(path: str):
+    """A file as an Arrow input stream, decompressed by Arrow (C++) according to its extension."""
+    raw = pa.PythonFile(FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED), mode="r")
+    for ext, codec in _ARROW_CODECS.items():
+        if path.endswith(ext):
+            return pa.CompressedInputStream(raw, codec)
+    return raw
+
+
 def check_header(path: str, columns: Sequence[str], *, flag: str, delimiter: str = ",") -> list[str]:
     """The header of `path`; raises InputError naming the file if it is empty or lacks a column."""
     with _open(path) as f:
@@ -86,6 +99,7 @@ def iter_csv_batches(
     header: bool = True,
     column_names: Sequence[str] | None = None,
     batch_rows: int = 65_536,
+    quoting: bool = True,
 ) -> Iterator[CsvBatch | Rejected]:
     """Parses one file; yields CsvBatches (only `columns`) and Rejected rows, in file order.
 
@@ -104,7 +118,10 @@ def iter_csv_batches(
         column_names=None if header else list(column_names or columns),
     )
     parse_options = pcsv.ParseOptions(
-        delimiter=delimiter, invalid_row_handler=on_invalid, ignore_empty_lines=False
+        delimiter=delimiter,
+        quote_char='"' if quoting else False,
+        invalid_row_handler=on_invalid,
+        ignore_empty_lines=False,
     )
     convert_options = pcsv.ConvertOptions(
         column_types={c: pa.string() for c in (column_names or columns)},
@@ -112,7 +129,7 @@ def iter_csv_batches(
         strings_can_be_null=False,
         quoted_strings_can_be_null=False,
     )
-    with _open(path) as f:
+    with _open_arrow(path) as f:
         reader = pcsv.open_csv(
             f,
             read_options=read_options,
@@ -158,13 +175,13 @@ def iter_csv_batches(
 class _ReadFile(beam.DoFn):
     REJECTED = "rejected"
 
-    def __init__(self, columns, delimiter, header, column_names, batch_rows, counter):
-        self._args = (columns, delimiter, header, column_names, batch_rows)
+    def __init__(self, columns, delimiter, header, column_names, batch_rows, counter, quoting):
+        self._args = (columns, delimiter, header, column_names, batch_rows, quoting)
         self._rows = beam.metrics.Metrics.counter("input", f"{counter}_rows_read")
         self._bad = beam.metrics.Metrics.counter("input", f"{counter}_rows_malformed")
 
     def process(self, path: str):
-        columns, delimiter, header, column_names, batch_rows = self._args
+        columns, delimiter, header, column_names, batch_rows, quoting = self._args
         for item in iter_csv_batches(
             path,
             columns,
@@ -172,6 +189,7 @@ class _ReadFile(beam.DoFn):
             header=header,
             column_names=column_names,
             batch_rows=batch_rows,
+            quoting=quoting,
         ):
             if isinstance(item, Rejected):
                 self._bad.inc()
@@ -199,8 +217,10 @@ class ReadCsvBatches(beam.PTransform):
         header: bool = True,
         column_names: Sequence[str] | None = None,
         batch_rows: int = 65_536,
+        quoting: bool = True,
     ):
         super().__init__()
+        self.quoting = quoting
         self.files = match_files(file_pattern, flag=flag)
         if header:
             for path in self.files:
@@ -225,8 +245,77 @@ class ReadCsvBatches(beam.PTransform):
                     self.column_names,
                     self.batch_rows,
                     counter,
+                    self.quoting,
                 )
             ).with_outputs(_ReadFile.REJECTED, main="batches")
+        )
+
+
+def _as_strings(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """A Parquet column as the strings a text file would hold ("" for null); integral floats (how pandas
+    stores integer columns with missing values) are written without a decimal point."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    t = column.type
+    if pa.types.is_floating(t):
+        values = column.to_numpy(zero_copy_only=False)
+        integral = np.isfinite(values) & (values == np.round(values))
+        ints = pc.cast(pa.array(np.where(integral, values, 0).astype(np.int64)), pa.string())
+        text = pc.if_else(pa.array(integral), ints, pc.cast(column, pa.string()))
+        return pc.if_else(pa.array(np.isnan(values)), "", text).fill_null("")
+    if pa.types.is_boolean(t):
+        column = pc.cast(column, pa.int8())
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+        column = pc.cast(column, pa.string())
+    return column.cast(pa.string()).fill_null("")
+
+
+class _ReadParquet(beam.DoFn):
+    def __init__(self, columns, batch_rows, counter):
+        self._columns, self._batch_rows = list(columns), batch_rows
+        self._rows = beam.metrics.Metrics.counter("input", f"{counter}_rows_read")
+
+    def process(self, path: str):
+        import pyarrow.parquet as pq
+
+        with FileSystems.open(path) as f:
+            parquet = pq.ParquetFile(f)
+            row = 0
+            for batch in parquet.iter_batches(batch_size=self._batch_rows, columns=self._columns):
+                n = batch.num_rows
+                table = pa.table({c: _as_strings(batch.column(c)) for c in self._columns})
+                yield CsvBatch(path, np.arange(row + 1, row + n + 1, dtype=np.int64), table)
+                row += n
+                self._rows.inc(n)
+
+
+class ReadParquetBatches(beam.PTransform):
+    """Parquet files -> CsvBatch elements (columns as strings, `lines` = 1-based row numbers), read with
+    pyarrow in batches. Schemas are checked when the pipeline is built."""
+
+    def __init__(self, file_pattern: str, columns: Sequence[str], *, flag: str, batch_rows: int = 65_536):
+        super().__init__()
+        import pyarrow.parquet as pq
+
+        self.files = match_files(file_pattern, flag=flag)
+        for path in self.files:
+            try:
+                with FileSystems.open(path) as f:
+                    names = pq.ParquetFile(f).schema_arrow.names
+            except Exception as exc:
+                raise InputError(f"{flag} {path}: not a Parquet file ({exc})") from None
+            missing = [c for c in columns if c not in names]
+            if missing:
+                raise InputError(f"{flag} {path}: Parquet schema lacks column(s) {', '.join(missing)}")
+        self.columns, self.flag, self.batch_rows = list(columns), flag, batch_rows
+
+    def expand(self, pbegin):
+        counter = self.flag.lstrip("-").replace("-", "_")
+        return (
+            pbegin
+            | "ListFiles" >> beam.Create(self.files)
+            | "Spread" >> beam.Reshuffle()
+            | "Parse" >> beam.ParDo(_ReadParquet(self.columns, self.batch_rows, counter))
         )
 
 

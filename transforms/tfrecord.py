@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -32,8 +33,11 @@ from headrace.runners.errors import InputError
 __all__ = [
     "Feature",
     "FeatureSpec",
+    "RecordBatch",
     "SpecError",
+    "WriteSerializedShards",
     "WriteTFRecordShards",
+    "encode_fixed",
     "list_shards",
     "read_examples",
     "tfrecord_dataset",
@@ -149,6 +153,51 @@ class FeatureSpec:
                 fmap[key].float_list.value.extend(values.tolist())
         return example.SerializeToString()
 
+    def encode_columns(self, columns: Mapping[str, Any], n: int) -> list[bytes]:
+        """Serializes `n` records given column-wise, the fast path for batched pipelines.
+
+        Fixed-shape numeric features: arrays [n, *shape]. Bytes features: a sequence of n values
+        (scalars) or of n sequences (fixed vectors). Variable-length features: a sequence of n
+        sequences. Shapes and dtypes are checked once per column, not per record.
+        """
+        plan = []
+        for key, feature in self.features.items():
+            if key not in columns:
+                raise SpecError(f"{self.name}: column {key!r} is missing")
+            col = columns[key]
+            if feature.dtype == "bytes":
+                rows = (
+                    [[v.encode() if isinstance(v, str) else v for v in r] for r in col]
+                    if feature.shape != ()
+                    else [[v.encode() if isinstance(v, str) else v] for v in col]
+                )
+                kind = "bytes_list"
+            elif feature.shape is None:
+                rows = [list(r) for r in col]
+                kind = "int64_list" if feature.dtype == "int64" else "float_list"
+            else:
+                arr = np.asarray(col, dtype=np.int64 if feature.dtype == "int64" else np.float32)
+                arr = arr.reshape(n, -1)
+                if arr.shape[1] != feature.size:
+                    raise SpecError(
+                        f"{self.name}: column {key!r} has {arr.shape[1]} values per record, "
+                        f"expected {feature.size} (shape {feature.shape})"
+                    )
+                rows = arr.tolist()
+                kind = "int64_list" if feature.dtype == "int64" else "float_list"
+            if len(rows) != n:
+                raise SpecError(f"{self.name}: column {key!r} has {len(rows)} records, expected {n}")
+            plan.append((key, kind, rows))
+        example_cls = self._example()
+        out = []
+        for i in range(n):
+            example = example_cls()
+            fmap = example.features.feature
+            for key, kind, rows in plan:
+                getattr(fmap[key], kind).value.extend(rows[i])
+            out.append(example.SerializeToString())
+        return out
+
     # -- decoding -----------------------------------------------------------------------------------
 
     def decode(self, serialized: bytes) -> dict[str, np.ndarray]:
@@ -207,6 +256,206 @@ def _np_dtype(dtype: DType):
 
 
 # -------------------------------------------------------------------------------------------------
+# Vectorised encoding of fixed-shape records
+# -------------------------------------------------------------------------------------------------
+#
+# A tf.train.Example is protobuf: Example{1: Features{1: repeated MapEntry{1: key, 2: Feature}}}, with
+# Feature{1: BytesList{1: repeated bytes} | 2: FloatList{1: packed float} | 3: Int64List{1: packed varint}}.
+# For records whose features all have fixed shapes, `encode_fixed` writes that wire format for a whole
+# batch with numpy: lengths first (so every record's size is known), then each field at a per-record
+# cursor, strings copied straight from Arrow's buffers. Measured on 1M Criteo rows: ~2 us per record,
+# against ~45 us for protobuf objects filled from Python lists (the strings alone cost 26 Python bytes
+# objects per row there).
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordBatch:
+    """Serialized records back to back: record i is blob[offsets[i]:offsets[i + 1]].
+
+    (A dataclass, not a NamedTuple: Beam's coder would encode a tuple subclass by iterating it.)"""
+
+    blob: bytes
+    offsets: np.ndarray  # int64 [n + 1]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __iter__(self):
+        blob, off = self.blob, self.offsets
+        for i in range(len(off) - 1):
+            yield blob[off[i] : off[i + 1]]
+
+    def take(self, rows: np.ndarray) -> RecordBatch:
+        rows = np.asarray(rows, dtype=np.int64)
+        starts, ends = self.offsets[rows], self.offsets[rows + 1]
+        lengths = ends - starts
+        src = np.frombuffer(self.blob, dtype=np.uint8)
+        out = src[_ranges(starts, lengths)] if len(rows) else np.zeros(0, np.uint8)
+        return RecordBatch(out.tobytes(), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated aranges: starts[i] .. starts[i] + lengths[i] - 1 for every i."""
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    first = np.cumsum(lengths) - lengths
+    return np.repeat(starts - first, lengths) + np.arange(total)
+
+
+def _varint_len(v: np.ndarray) -> np.ndarray:
+    v = v.astype(np.uint64)
+    n = np.ones(v.shape, dtype=np.int64)
+    for k in range(1, 10):
+        n += v >= np.uint64(1 << (7 * k))
+    return n
+
+
+class _Cursor:
+    """Per-record write positions into one output buffer."""
+
+    def __init__(self, buf: np.ndarray, starts: np.ndarray):
+        self.buf, self.pos = buf, starts.copy()
+
+    def byte(self, b: int) -> None:
+        self.buf[self.pos] = b
+        self.pos += 1
+
+    def const(self, data: bytes) -> None:
+        arr = np.frombuffer(data, dtype=np.uint8)
+        self.buf[self.pos[:, None] + np.arange(len(arr))] = arr
+        self.pos += len(arr)
+
+    def varint(self, values: np.ndarray, lengths: np.ndarray | None = None) -> None:
+        v = values.astype(np.int64).view(np.uint64)
+        lengths = _varint_len(v) if lengths is None else lengths
+        for j in range(int(lengths.max()) if len(lengths) else 0):
+            rows = lengths > j
+            chunk = ((v[rows] >> np.uint64(7 * j)) & np.uint64(0x7F)).astype(np.uint8)
+            chunk |= np.where(lengths[rows] > j + 1, 0x80, 0).astype(np.uint8)
+            self.buf[self.pos[rows] + j] = chunk
+        self.pos += lengths
+
+    def raw(self, data: np.ndarray) -> None:
+        """Copies rows of a [n, w] uint8 matrix."""
+        w = data.shape[1]
+        self.buf[self.pos[:, None] + np.arange(w)] = data
+        self.pos += w
+
+    def strings(self, offsets: np.ndarray, data: np.ndarray) -> None:
+        """Copies string i = data[offsets[i]:offsets[i+1]] at each record's cursor."""
+        lengths = np.diff(offsets)
+        self.buf[_ranges(self.pos, lengths)] = data[_ranges(offsets[:-1], lengths)]
+        self.pos += lengths
+
+
+def _arrow_strings(values) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets int64 [n+1] from 0, data uint8) of an Arrow string/binary array."""
+    import pyarrow as pa
+
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if not isinstance(values, pa.Array):
+        values = pa.array(values, pa.binary())
+    if pa.types.is_large_string(values.type) or pa.types.is_large_binary(values.type):
+        values = values.cast(pa.binary())
+    n = len(values)
+    offsets = np.frombuffer(
+        values.buffers()[1], dtype=np.int32, count=n + 1, offset=values.offset * 4
+    ).astype(np.int64)
+    base = offsets[0]
+    data_buf = values.buffers()[2]
+    data = (
+        np.frombuffer(data_buf, dtype=np.uint8, count=int(offsets[-1] - base), offset=int(base))
+        if data_buf is not None and offsets[-1] > base
+        else np.zeros(0, dtype=np.uint8)
+    )
+    return offsets - base, data
+
+
+def encode_fixed(spec: FeatureSpec, columns: Mapping[str, Any], n: int) -> RecordBatch:
+    """Serializes `n` records of a spec whose features all have fixed shapes, as one RecordBatch.
+
+    Numeric features: arrays [n, *shape]. Bytes features: a list of `size` Arrow string/binary arrays
+    of length n (one per position of the feature's vector; one array for a scalar).
+    """
+    variable = [key for key, f in spec.features.items() if f.shape is None]
+    if variable:
+        raise SpecError(f"{spec.name}: encode_fixed needs fixed shapes; {variable} have variable length")
+    missing = [key for key in spec.features if key not in columns]
+    if missing:
+        raise SpecError(f"{spec.name}: columns {missing} are missing")
+    plans = []
+    for key, f in spec.features.items():
+        k = key.encode()
+        if len(k) > 127:
+            raise SpecError(f"{spec.name}: feature name {key!r} too long")
+        m = f.size
+        if f.dtype == "bytes":
+            cols = columns[key]
+            cols = [cols] if m == 1 and not isinstance(cols, list | tuple) else list(cols)
+            if len(cols) != m:
+                raise SpecError(f"{spec.name}: {key!r} needs {m} string columns, got {len(cols)}")
+            strings = [_arrow_strings(c) for c in cols]
+            if any(len(o) != n + 1 for o, _ in strings):
+                raise SpecError(f"{spec.name}: a column of {key!r} does not have {n} values")
+            lens = [np.diff(o) for o, _ in strings]
+            list_len = sum(1 + _varint_len(length) + length for length in lens)
+            plans.append((key, k, "bytes", strings, lens, list_len, None))
+            body = list_len
+        elif f.dtype == "int64":
+            v = np.asarray(columns[key], dtype=np.int64).reshape(n, m)
+            vl = _varint_len(v.view(np.uint64))
+            packed = vl.sum(axis=1)
+            list_len = 1 + _varint_len(packed) + packed
+            plans.append((key, k, "int64", v, vl, list_len, packed))
+            body = list_len
+        else:
+            v = np.ascontiguousarray(np.asarray(columns[key], dtype="<f4").reshape(n, m))
+            packed = np.full(n, 4 * m, dtype=np.int64)
+            list_len = 1 + _varint_len(packed) + packed
+            plans.append((key, k, "float32", v.view(np.uint8).reshape(n, 4 * m), None, list_len, packed))
+            body = list_len
+        feature_len = 1 + _varint_len(body) + body
+        entry_len = 2 + len(k) + 1 + _varint_len(feature_len) + feature_len
+        plans[-1] = (*plans[-1], feature_len, entry_len)
+    features_len = sum(1 + _varint_len(p[-1]) + p[-1] for p in plans)
+    record_len = 1 + _varint_len(features_len) + features_len
+    offsets = np.concatenate([[0], np.cumsum(record_len)]).astype(np.int64)
+    buf = np.zeros(int(offsets[-1]), dtype=np.uint8)
+    c = _Cursor(buf, offsets[:-1])
+    c.byte(0x0A)  # Example.features
+    c.varint(features_len)
+    for _, k, kind, values, extra, list_len, packed, feature_len, entry_len in plans:
+        c.byte(0x0A)  # Features.feature (a map entry)
+        c.varint(entry_len)
+        c.const(b"\x0a" + bytes([len(k)]) + k + b"\x12")  # entry key, then entry value tag
+        c.varint(feature_len)
+        if kind == "bytes":
+            c.byte(0x0A)  # Feature.bytes_list
+            c.varint(list_len)
+            for (off, data), length in zip(values, extra):
+                c.byte(0x0A)  # BytesList.value
+                c.varint(length)
+                c.strings(off, data)
+        elif kind == "int64":
+            c.byte(0x1A)  # Feature.int64_list
+            c.varint(list_len)
+            c.byte(0x0A)  # Int64List.value, packed
+            c.varint(packed)
+            for j in range(values.shape[1]):
+                c.varint(values[:, j], extra[:, j])
+        else:
+            c.byte(0x12)  # Feature.float_list
+            c.varint(list_len)
+            c.byte(0x0A)  # FloatList.value, packed
+            c.varint(packed)
+            c.raw(values)
+    assert np.array_equal(c.pos, offsets[1:]), "record lengths and writes disagree"
+    return RecordBatch(buf.tobytes(), offsets)
+
+
+# -------------------------------------------------------------------------------------------------
 # Beam writer
 # -------------------------------------------------------------------------------------------------
 
@@ -253,6 +502,47 @@ def WriteTFRecordShards(
             if compression == "gzip"
             else CompressionTypes.UNCOMPRESSED,
         )
+    )
+
+
+class _WriteShard(beam.DoFn):
+    def __init__(self, file_path_prefix: str, num_shards: int):
+        self._prefix, self._num_shards = file_path_prefix, num_shards
+        self._records = beam.metrics.Metrics.counter("tfrecord", "records_written")
+
+    def process(self, element):
+        shard, batches = element
+        tf = _tf()
+        path = f"{self._prefix}-{shard:05d}-of-{self._num_shards:05d}.tfrecord"
+        tmp = f"{path}.tmp-{os.getpid()}"
+        n = 0
+        with tf.io.TFRecordWriter(tmp) as writer:
+            for batch in batches:  # lists of records or RecordBatches
+                for record in batch:
+                    writer.write(record)
+                n += len(batch)
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+        self._records.inc(n)
+        yield path
+
+
+@beam.ptransform_fn
+def WriteSerializedShards(pcoll, file_path_prefix: str, num_shards: int):
+    """``(shard, records)`` batches -> ``PREFIX-SSSSS-of-NNNNN.tfrecord``, all shards written.
+
+    `records` is a list of serialized records or a `RecordBatch` (one blob: far cheaper to move
+    through a runner than a list of Python bytes objects).
+
+    The batched counterpart of `WriteTFRecordShards`: the caller assigns records to shards (by a hash,
+    so that the layout is reproducible) and one Beam element carries a whole batch, instead of one per
+    record through the shuffle. Empty shards are written too, so the file set is always complete.
+    """
+    empty = pcoll.pipeline | "AllShards" >> beam.Create([(s, []) for s in range(num_shards)])
+    return (
+        (pcoll, empty)
+        | "WithEmpty" >> beam.Flatten()
+        | "ByShard" >> beam.GroupByKey()
+        | "Write" >> beam.ParDo(_WriteShard(file_path_prefix, num_shards))
     )
 
 
