@@ -33,6 +33,7 @@ __all__ = [
     "CtrData",
     "generate",
     "planted_probability",
+    "raw_columns",
 ]
 
 INT_FIELDS = [f"I{i}" for i in range(1, 14)]
@@ -91,6 +92,19 @@ def planted_probability(columns: dict[str, np.ndarray]) -> np.ndarray:
     for field in INFORMATIVE_CAT:
         logit += _effect(field, np.asarray(columns[field], dtype=object))
     return 1.0 / (1.0 + np.exp(-logit))
+
+
+def raw_columns(batch: dict) -> dict[str, np.ndarray]:
+    """A parsed CTR-shard batch (``I``, ``I_missing``, ``C`` as numpy) -> {field: raw strings}."""
+    ints, missing, cats = np.asarray(batch["I"]), np.asarray(batch["I_missing"]), np.asarray(batch["C"])
+    out = {}
+    for k, name in enumerate(INT_FIELDS):
+        out[name] = np.array(["" if m else str(v) for v, m in zip(ints[:, k], missing[:, k])], dtype=object)
+    for k, name in enumerate(CAT_FIELDS):
+        out[name] = np.array(
+            [c.decode() if isinstance(c, bytes) else str(c) for c in cats[:, k]], dtype=object
+        )
+    return out
 
 
 def generate(

@@ -82,6 +82,14 @@ TRAINERS = {
             "crowd-classifier",
             "a text classifier learned from crowd-labels posteriors (soft labels)",
         ),
+        Command(
+            "train",
+            "ctr",
+            "headrace.runners.train_ctr",
+            "train_and_evaluate",
+            "ctr",
+            "LR / FM / Wide&Deep / DeepFM / DCN / DCN-v2 on the ctr-ingest shards, collisionless table",
+        ),
     ]
 }
 

@@ -49,3 +49,16 @@ def example_output(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("example") / "out"
     run_pipeline(build_example, ExampleConfig(output=str(out), num_records=4000, malformed_every=100))
     return out
+
+
+@pytest.fixture(scope="session")
+def ctr_shards(tmp_path_factory) -> Path:
+    """ctr-ingest output of 6,000 generated Criteo-format lines (planted model), FnApiRunner."""
+    from headrace.pipelines.ctr import CtrIngestConfig, build_ctr_ingest
+    from headrace.pipelines.ctr_data import generate
+    from headrace.runners.beam_runner import run_pipeline
+
+    root = tmp_path_factory.mktemp("ctr-shards")
+    log = generate(root / "log.tsv", 6000, seed=11)
+    run_pipeline(build_ctr_ingest, CtrIngestConfig(input=log.path, output=str(root / "out"), shards=2))
+    return root / "out"
