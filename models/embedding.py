@@ -1,8 +1,9 @@
 """Monolith's collisionless, expirable embedding table, and the per-id math of sparse updates (CowClip).
 
-Ids. Every raw value becomes a 64-bit id, hashed with its field's name (``C3=a1b2c3d4``; integer fields
-are bucketed first as ``floor(ln(x)^2)`` for x > 2, the transform of the Criteo winners), so equal values
-of different fields never share an id. A missing value is id 0. `criteo_ids` (training, from the CTR
+Ids. Every raw value becomes a 62-bit id, its hash mixed with a salt of its field's name (categorical
+values: FarmHash Fingerprint64 of the string; integer fields: bucketed first as ``floor(ln(x)^2)`` for
+x > 2, the transform of the Criteo winners), so equal values of different fields do not share an id. A
+missing value is id 0. `criteo_ids` (training, from the CTR
 shards) and `serving_ids` (serving, from 39 raw strings) produce the same ids by construction.
 
 Rows. `CollisionlessTable` maps ids to rows of the embedding matrix through a hash table, never two ids to
@@ -40,14 +41,6 @@ __all__ = [
 
 NULL_ID = 0
 FREE = -1
-_ID_BUCKETS = (1 << 62) - 1  # ids in [1, 2^62): 0 is reserved for "missing"
-
-
-def _field_ids(prefix: str, values, present):
-    """[B] strings -> [B] int64 ids of `prefix=value`, 0 where not present."""
-    keys = tf.strings.join([tf.constant(prefix), values])
-    ids = tf.strings.to_hash_bucket_fast(keys, _ID_BUCKETS) + 1
-    return tf.where(present, ids, tf.zeros_like(ids))
 
 
 def _bucket_int(x):
@@ -57,15 +50,46 @@ def _bucket_int(x):
     return tf.where(x > 2, big, x)
 
 
+def _salt(name: str) -> int:
+    """A fixed 63-bit salt per field name (FNV-1a of the name: stable across processes)."""
+    h = 0xCBF29CE484222325
+    for ch in name.encode():
+        h = ((h ^ ch) * 0x100000001B3) & ((1 << 64) - 1)
+    return h & ((1 << 63) - 1)
+
+
+_INT_SALTS = [_salt(f"I{k + 1}") for k in range(13)]
+_CAT_SALTS = [_salt(f"C{k + 1}") for k in range(26)]
+
+
+def _finish(h, present):
+    """Mixed hashes -> ids in [1, 2^62), 0 where the value is missing."""
+    ids = tf.bitwise.bitwise_and(_mix(h), (1 << 62) - 1)
+    ids = tf.where(tf.equal(ids, 0), tf.ones_like(ids), ids)
+    return tf.where(present, ids, tf.zeros_like(ids))
+
+
+def _int_ids(values, present):
+    """[B, 13] integers -> ids: bucketed, then mixed with the field's salt (no strings involved)."""
+    return _finish(
+        _bucket_int(values) * _i64(0x9E3779B97F4A7C15) + tf.constant(_INT_SALTS, tf.int64), present
+    )
+
+
+def _cat_ids(values, present):
+    """[B, 26] strings -> ids: FarmHash Fingerprint64 of the value, mixed with the field's salt."""
+    fingerprint = tf.strings.to_hash_bucket_fast(values, (1 << 63) - 1)
+    return _finish(tf.bitwise.bitwise_xor(fingerprint, tf.constant(_CAT_SALTS, tf.int64)), present)
+
+
 def criteo_ids(ints, int_missing, cats):
-    """CTR-shard batch -> ids [B, 13 + 26] (int fields first). `ints`/`int_missing` [B, 13], `cats` [B, 26]."""
-    cols = []
-    for k in range(ints.shape[1]):
-        value = tf.strings.as_string(_bucket_int(ints[:, k]))
-        cols.append(_field_ids(f"I{k + 1}=", value, int_missing[:, k] == 0))
-    for k in range(cats.shape[1]):
-        cols.append(_field_ids(f"C{k + 1}=", cats[:, k], cats[:, k] != ""))
-    return tf.stack(cols, axis=1)
+    """CTR-shard batch -> ids [B, 13 + 26] (int fields first). `ints`/`int_missing` [B, 13], `cats` [B, 26].
+
+    A whole batch in a handful of ops: one fingerprint over the [B, 26] strings, integer mixing for the
+    rest (an id per field and value, per the module docstring)."""
+    return tf.concat(
+        [_int_ids(ints, tf.equal(int_missing, 0)), _cat_ids(cats, tf.not_equal(cats, ""))], axis=1
+    )
 
 
 def serving_ids(fields: dict):
@@ -74,16 +98,11 @@ def serving_ids(fields: dict):
     Equal to `criteo_ids` on the ingested form of the same line. A non-integer in an integer field is
     treated as missing (serving must answer; ingest would have rejected the line).
     """
-    cols = []
-    for k in range(13):
-        raw = tf.strings.strip(fields[f"I{k + 1}"])
-        valid = tf.strings.regex_full_match(raw, r"-?[0-9]{1,18}")
-        x = tf.strings.to_number(tf.where(valid, raw, "0"), tf.int64)
-        cols.append(_field_ids(f"I{k + 1}=", tf.strings.as_string(_bucket_int(x)), valid))
-    for k in range(26):
-        raw = fields[f"C{k + 1}"]
-        cols.append(_field_ids(f"C{k + 1}=", raw, raw != ""))
-    return tf.stack(cols, axis=1)
+    raw = tf.strings.strip(tf.stack([fields[f"I{k + 1}"] for k in range(13)], axis=1))  # [B, 13]
+    valid = tf.strings.regex_full_match(raw, r"-?[0-9]{1,18}")
+    ints = tf.strings.to_number(tf.where(valid, raw, "0"), tf.int64)
+    cats = tf.stack([fields[f"C{k + 1}"] for k in range(26)], axis=1)  # [B, 26]
+    return tf.concat([_int_ids(ints, valid), _cat_ids(cats, tf.not_equal(cats, ""))], axis=1)
 
 
 def _i64(c: int) -> int:
@@ -96,16 +115,20 @@ def _shr(x, k: int):
     return tf.bitwise.bitwise_and(tf.bitwise.right_shift(x, k), (1 << (64 - k)) - 1)
 
 
+def _mix(x):
+    """splitmix64's finaliser in wrapping int64 arithmetic."""
+    x = tf.bitwise.bitwise_xor(x, _shr(x, 30)) * _i64(0xBF58476D1CE4E5B9)
+    x = tf.bitwise.bitwise_xor(x, _shr(x, 27)) * _i64(0x94D049BB133111EB)
+    return tf.bitwise.bitwise_xor(x, _shr(x, 31))
+
+
 def hash_init(ids, dim: int, scale: float):
     """Deterministic initial embeddings [U, dim] from ids: uniform(-scale, scale) by a splitmix64 hash of
     (id, column) in wrapping int64 arithmetic. Depends on nothing but the id, so it is the same on every
     mesh and in every order."""
     ids = tf.cast(ids, tf.int64)
     cols = tf.range(dim, dtype=tf.int64)
-    x = ids[:, None] * _i64(0x9E3779B97F4A7C15) + cols[None, :] * _i64(0xD1B54A32D192ED03)
-    x = tf.bitwise.bitwise_xor(x, _shr(x, 30)) * _i64(0xBF58476D1CE4E5B9)
-    x = tf.bitwise.bitwise_xor(x, _shr(x, 27)) * _i64(0x94D049BB133111EB)
-    x = tf.bitwise.bitwise_xor(x, _shr(x, 31))
+    x = _mix(ids[:, None] * _i64(0x9E3779B97F4A7C15) + cols[None, :] * _i64(0xD1B54A32D192ED03))
     unit = tf.cast(_shr(x, 11), tf.float64) / float(1 << 53)  # uniform in [0, 1)
     return tf.cast((unit * 2.0 - 1.0) * scale, tf.float32)
 
