@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import sys
 import typing
 import warnings
@@ -32,8 +33,19 @@ from headrace.runners.errors import ConfigError, HeadraceError
 __all__ = ["main"]
 
 
+_NUMBER = r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with errors as one line (no usage dump) raised as ConfigError."""
+    """argparse with errors as one line (no usage dump) raised as ConfigError.
+
+    Negative numbers and comma-separated lists of numbers (``--hu-window -1000,400``) are values, not
+    flags: argparse's own matcher accepts a single negative number only.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(rf"^-(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?(?:,{_NUMBER})*$")
 
     def error(self, message: str) -> typing.NoReturn:
         raise ConfigError(f"{self.prog}: {message}")

@@ -60,6 +60,14 @@ PIPELINES = {
             "ctr-ingest",
             "Criteo TSV / Parquet CTR logs -> sharded TFRecords, feature statistics, vocabularies",
         ),
+        Command(
+            "run",
+            "ct-ingest",
+            "headrace.pipelines.ct",
+            "build_ct_ingest",
+            "ct-ingest",
+            "a folder of DICOM series and NIfTI files -> sharded HU volumes (resampled, blocked), previews",
+        ),
     ]
 }
 

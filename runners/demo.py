@@ -121,12 +121,73 @@ def _ctr_ingest(workdir: Path) -> tuple[str, str]:
     )
 
 
+def _ctr_train(workdir: Path) -> tuple[str, str]:
+    import numpy as np
+
+    from headrace.models import metrics
+    from headrace.pipelines import ctr
+    from headrace.pipelines.ctr_data import planted_probability, raw_columns
+    from headrace.runners.train_ctr import CTRTrainConfig, train_and_evaluate
+
+    data = str(workdir / "ctr")
+    m = train_and_evaluate(
+        CTRTrainConfig(data=data, output=str(workdir / "ctr-deepfm"), model="deepfm", mesh=MESH, min_count=2)
+    )
+    ys, ps = [], []
+    for b in ctr.dataset(data, "eval", 4096):
+        b = {k: v.numpy() for k, v in b.items()}
+        ys.append(b["label"])
+        ps.append(planted_probability(raw_columns(b)))
+    bayes = metrics.auc(np.concatenate(ys), np.concatenate(ps))
+    return (
+        f"train ctr deepfm ({m['mesh']})",
+        f"eval AUC {m['auc']:.4f} (planted model {bayes:.4f}) after one epoch, {m['table_rows_used']:,} rows, "
+        f"{m['ids_filtered']:,} ids filtered, {m['examples_per_sec']:,.0f} ex/s; SavedModel exported",
+    )
+
+
+def _ct_ingest(workdir: Path) -> tuple[str, str]:
+    import numpy as np
+
+    from headrace.pipelines import ct_data
+    from headrace.pipelines.ct import CtIngestConfig, build_ct_ingest
+    from headrace.runners.beam_runner import run_pipeline
+
+    src = workdir / "ct-raw"
+    for k in range(
+        3
+    ):  # three DICOM series (slope/intercept, shuffled file names), one with a duplicate slice
+        hu = ct_data.phantom((48, 96, 96), seed=k).hu
+        positions = None if k < 2 else [float(i - (i == 10)) * 2.5 for i in range(48)]
+        ct_data.write_dicom_series(src / f"patient{k}", hu, seed=k, slope=0.5, positions=positions)
+    for k in range(3):  # three labelled NIfTI cases for the U-Net
+        ph = ct_data.phantom((40, 96, 96), seed=9 + k, lesion_radius=0.3)
+        ct_data.write_nifti(src / "nifti" / f"case{k}.nii.gz", ph.hu)
+        ct_data.write_nifti(src / "nifti" / f"case{k}_label.nii.gz", ph.label, dtype=np.uint8)
+    (src / "patient0" / "notes.txt").write_text("not a DICOM file")
+    result = run_pipeline(
+        build_ct_ingest,
+        CtIngestConfig(
+            input=str(src), output=str(workdir / "ct"), spacing=(2.0, 1.0, 1.0), block_above_mb=1.0
+        ),
+    )
+    r = json.loads((result.output / "report.json").read_text())
+    return (
+        "run ct-ingest (FnApiRunner)",
+        f"{r['files']} files -> {r['volumes']} volumes ({r['labelled']} labelled, {r['blocks']} blocks) "
+        f"resampled to 2x1x1 mm + {r['rejected']} rejected {sorted(r['rejected_reasons'])}; "
+        f"{r['voxels'] / 1e6:.1f}M voxels in {result.seconds:.1f}s; previews in ct/previews/",
+    )
+
+
 STAGES: list[tuple[str, Callable[[Path], tuple[str, str]]]] = [
     ("example", _example),
     ("mlp", _mlp),
     ("crowd-labels", _crowd),
     ("crowd-classifier", _crowd_classifier),
     ("ctr-ingest", _ctr_ingest),
+    ("ctr-train", _ctr_train),
+    ("ct-ingest", _ct_ingest),
 ]
 
 

@@ -11,4 +11,5 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert "FAILED" not in out
     assert "run example" in out and "train mlp" in out and "eval AUC" in out
     assert "run crowd-labels" in out and "GroupAnno" in out and "train crowd-classifier" in out
-    assert "run ctr-ingest" in out
+    assert "run ctr-ingest" in out and "train ctr deepfm" in out
+    assert "run ct-ingest" in out and "labelled" in out
