@@ -277,6 +277,9 @@ def dicom_geometry(headers: Sequence[SliceHeader]) -> tuple[list[SliceHeader], f
 
     Raises GeometryError naming the files when the series is not one regular grid.
     """
+    # GroupByKey gives the slices in any order: sort by path first, so that ties (duplicate positions)
+    # and therefore reasons are the same on every runner.
+    headers = sorted(headers, key=lambda h: h.path)
     sizes = {(h.rows, h.columns) for h in headers}
     if len(sizes) > 1:
         raise GeometryError(f"mixed slice sizes {sorted(sizes)} (Rows, Columns)", "mixed_sizes")
