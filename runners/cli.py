@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import re
 import sys
@@ -218,20 +219,22 @@ def _run(name: str, argv: Sequence[str]) -> int:
     return 0
 
 
-def _train(name: str, argv: Sequence[str]) -> int:
-    if name not in commands.TRAINERS:
-        raise ConfigError(f"unknown model {name!r} (models: {', '.join(sorted(commands.TRAINERS))})")
-    command = commands.TRAINERS[name]
+def _train(name: str, argv: Sequence[str], table=commands.TRAINERS) -> int:
+    if name not in table:
+        raise ConfigError(f"unknown model {name!r} (models: {', '.join(sorted(table))})")
+    command = table[name]
     # Virtual CPU devices must exist before TensorFlow starts: parse the mesh first.
     config, args, _ = _resolve_config(command, argv, allow_unknown=False)
     _setup_logging(args.verbose)
     mesh_spec = getattr(config, "mesh", None)
-    if mesh_spec:
-        from headrace.runners import mesh as mesh_lib
+    n = 0
+    from headrace.runners import mesh as mesh_lib
 
-        n = 1
-        for _, size in mesh_lib.parse_mesh(mesh_spec):
-            n *= size
+    if mesh_spec:
+        n = math.prod(size for _, size in mesh_lib.parse_mesh(mesh_spec))
+    if hasattr(config, "partitions"):  # spatially partitioned models: one device per block, plus the host
+        n = max(n, config.partitions) + 1
+    if n:
         mesh_lib.configure_virtual_devices(n)
     if not getattr(config, "output", "x"):
         raise ConfigError("--output is required")
@@ -296,12 +299,14 @@ def _demo(argv: Sequence[str]) -> int:
 
 def _usage() -> str:
     lines = [
-        "usage: headrace {run,train,configs,demo,jars} ...",
+        "usage: headrace {run,train,predict,configs,demo,jars} ...",
         "",
         "headrace: Beam pipelines that turn raw data into sharded tf.data input, and DTensor trainers.",
         "",
         "  run PIPELINE     run a Beam pipeline: " + ", ".join(sorted(commands.PIPELINES)),
         "  train MODEL      train a model on a DTensor mesh: " + ", ".join(sorted(commands.TRAINERS)),
+        "  predict MODEL    run a trained model over a pipeline's output: "
+        + ", ".join(sorted(commands.PREDICTORS)),
         "  configs          list / show registered configs",
         "  demo             run every pipeline and trainer on small embedded data",
         "  jars             build / locate the Java jars (Flink job server)",
@@ -319,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(_usage())
             return 0
         verb, rest = argv[0], argv[1:]
-        if verb in ("run", "train"):
+        if verb in ("run", "train", "predict"):
             if not rest or rest[0].startswith("-"):
                 if rest and rest[0] in ("-h", "--help"):
                     print(_usage())
@@ -327,6 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(
                     f"headrace {verb}: missing the {'pipeline' if verb == 'run' else 'model'} name"
                 )
+            if verb == "predict":
+                return _train(rest[0], rest[1:], commands.PREDICTORS)
             return (_run if verb == "run" else _train)(rest[0], rest[1:])
         if verb == "configs":
             return _configs(rest)
@@ -334,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(rest)
         if verb == "jars":
             return _jars(rest)
-        raise ConfigError(f"unknown command {verb!r} (commands: run, train, configs, demo, jars)")
+        raise ConfigError(f"unknown command {verb!r} (commands: run, train, predict, configs, demo, jars)")
     except HeadraceError as exc:
         print(f"headrace: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-__all__ = ["PIPELINES", "TRAINERS", "Command", "load_all"]
+__all__ = ["PIPELINES", "PREDICTORS", "TRAINERS", "Command", "load_all"]
 
 
 @dataclass(frozen=True)
@@ -98,11 +98,33 @@ TRAINERS = {
             "ctr",
             "LR / FM / Wide&Deep / DeepFM / DCN / DCN-v2 on the ctr-ingest shards, collisionless table",
         ),
+        Command(
+            "train",
+            "unet3d",
+            "headrace.runners.train_unet3d",
+            "train_and_evaluate",
+            "unet3d",
+            "3D U-Net on the ct-ingest volumes, spatially partitioned across devices (halo exchange)",
+        ),
+    ]
+}
+
+PREDICTORS = {
+    c.name: c
+    for c in [
+        Command(
+            "predict",
+            "unet3d",
+            "headrace.runners.train_unet3d",
+            "predict",
+            "unet3d-predict",
+            "sliding-window segmentation of ct-ingest volumes with a trained unet3d",
+        ),
     ]
 }
 
 
 def load_all() -> None:
     """Imports every command module so that all configs are registered."""
-    for command in [*PIPELINES.values(), *TRAINERS.values()]:
+    for command in [*PIPELINES.values(), *TRAINERS.values(), *PREDICTORS.values()]:
         importlib.import_module(command.module)

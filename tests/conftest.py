@@ -6,6 +6,8 @@ import os
 import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The BFC CPU allocator tracks peak memory of multi-device functions (unet3d measures it per device).
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 from pathlib import Path  # noqa: E402

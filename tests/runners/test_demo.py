@@ -13,3 +13,4 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert "run crowd-labels" in out and "GroupAnno" in out and "train crowd-classifier" in out
     assert "run ctr-ingest" in out and "train ctr deepfm" in out
     assert "run ct-ingest" in out and "labelled" in out
+    assert "train unet3d" in out and "Dice" in out
