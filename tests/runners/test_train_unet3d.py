@@ -108,3 +108,24 @@ def test_sliding_window_covers_every_voxel_once_averaged(shape, patch):
     got = sliding_window(volume, pointwise, patch, overlap=0.5)
     np.testing.assert_allclose(got, 1 / (1 + np.exp(-volume)), rtol=1e-6)
     assert all(c == (1, *patch, 1) for c in calls)
+
+
+def test_whole_volumes_train_partitioned(ct_out, tmp_path):
+    """--patch none: whole volumes, padded to a multiple of 2^(L-1), two blocks."""
+    m = tmp_path / "whole"
+    argv = [
+        "train",
+        "unet3d",
+        "--data",
+        str(ct_out),
+        "--output",
+        str(m),
+        "--partitions",
+        "2",
+        "--patch",
+        "none",
+    ]
+    assert cli.main([*argv, "--steps", "2", "--channels", "4"]) == 0
+    metrics = _metrics(m)
+    assert metrics["patch"] == [32, 48, 48] and metrics["block_depths"] == [16, 16]
+    assert len(metrics["loss_history"]) == 2 and np.isfinite(metrics["loss_history"]).all()
