@@ -286,6 +286,32 @@ def _jars(argv: Sequence[str]) -> int:
     return 0
 
 
+def _stack(argv: Sequence[str]) -> int:
+    parser = _Parser(prog="headrace stack", description="the local streaming stack (Kafka broker)")
+    sub = parser.add_subparsers(dest="action", required=True)
+    start = sub.add_parser("up", help="start a Kafka broker on loopback (KRaft mode)")
+    start.add_argument("--kafka-port", type=int, default=9092)
+    sub.add_parser("down", help="stop it")
+    sub.add_parser("status", help="is it running, where")
+    args = parser.parse_args(argv)
+    _setup_logging(False)
+    from headrace.runners import stack
+
+    if args.action == "up":
+        broker = stack.up(args.kafka_port)
+        print(f"kafka: {broker.bootstrap} (pid {broker.pid}, log {broker.log})")
+    elif args.action == "down":
+        print("kafka: stopped" if stack.down() else "kafka: not running")
+    else:
+        broker = stack.status()
+        print(
+            f"kafka: {broker.bootstrap} (pid {broker.pid}, log {broker.log})"
+            if broker
+            else "kafka: not running"
+        )
+    return 0
+
+
 def _demo(argv: Sequence[str]) -> int:
     parser = _Parser(prog="headrace demo", description="the main job on embedded defaults")
     parser.add_argument("--workdir", default="headrace-demo", help="where the demo writes (replaced)")
@@ -299,7 +325,7 @@ def _demo(argv: Sequence[str]) -> int:
 
 def _usage() -> str:
     lines = [
-        "usage: headrace {run,train,predict,configs,demo,jars} ...",
+        "usage: headrace {run,train,predict,configs,demo,jars,stack} ...",
         "",
         "headrace: Beam pipelines that turn raw data into sharded tf.data input, and DTensor trainers.",
         "",
@@ -309,7 +335,8 @@ def _usage() -> str:
         + ", ".join(sorted(commands.PREDICTORS)),
         "  configs          list / show registered configs",
         "  demo             run every pipeline and trainer on small embedded data",
-        "  jars             build / locate the Java jars (Flink job server)",
+        "  jars             build / locate the Java jars (Flink job server with KafkaIO, Kafka broker)",
+        "  stack            start / stop the local Kafka broker (up, down, status)",
         "",
         "`headrace run PIPELINE --help` lists a pipeline's flags; likewise for train.",
     ]
@@ -341,7 +368,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(rest)
         if verb == "jars":
             return _jars(rest)
-        raise ConfigError(f"unknown command {verb!r} (commands: run, train, predict, configs, demo, jars)")
+        if verb == "stack":
+            return _stack(rest)
+        raise ConfigError(
+            f"unknown command {verb!r} (commands: run, train, predict, configs, demo, jars, stack)"
+        )
     except HeadraceError as exc:
         print(f"headrace: error: {exc}", file=sys.stderr)
         return exc.exit_code

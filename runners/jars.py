@@ -20,7 +20,7 @@ from pathlib import Path
 
 from headrace.runners.errors import MissingDependencyError
 
-__all__ = ["BEAM_VERSION", "FLINK_VERSION", "JARS", "Jar", "cache_dir", "fetch", "jar_path"]
+__all__ = ["BEAM_VERSION", "FLINK_VERSION", "JARS", "KAFKA_VERSION", "Jar", "cache_dir", "fetch", "jar_path"]
 
 # Must equal the apache-beam pin in pyproject.toml (checked by tests/runners/test_jars.py).
 BEAM_VERSION = "2.62.0"
@@ -42,11 +42,20 @@ class Jar:
         return cache_dir() / "jars" / self.filename
 
 
+KAFKA_VERSION = "3.9.1"
+
 JARS = {
+    # "-kafka": the job server also carries KafkaIO and the expansion service (a new name, so that caches
+    # holding the plain job server rebuild it).
     "flink-job-server": Jar(
         name="flink-job-server",
         pom="flink-job-server.xml",
-        filename=f"beam-runners-flink-{FLINK_VERSION}-job-server-{BEAM_VERSION}.jar",
+        filename=f"beam-runners-flink-{FLINK_VERSION}-job-server-kafka-{BEAM_VERSION}.jar",
+    ),
+    "kafka-broker": Jar(
+        name="kafka-broker",
+        pom="kafka-broker.xml",
+        filename=f"kafka-broker-{KAFKA_VERSION}.jar",
     ),
 }
 

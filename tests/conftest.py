@@ -43,6 +43,26 @@ def flink_jar() -> Path:
 
 
 @pytest.fixture(scope="session")
+def kafka_jar() -> Path:
+    """The Kafka broker jar; `make test` builds it first."""
+    from headrace.runners import jars
+
+    return jars.jar_path("kafka-broker")
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory):
+    """A real Kafka broker (KRaft, loopback, a free port) for the session; its bootstrap address."""
+    from headrace.runners import stack
+
+    broker = stack.start_kafka(workdir=tmp_path_factory.mktemp("kafka"))
+    try:
+        yield broker.bootstrap
+    finally:
+        stack.stop(broker)
+
+
+@pytest.fixture(scope="session")
 def example_output(tmp_path_factory) -> Path:
     """The example pipeline's output on 4,000 generated records (FnApiRunner), shared by tests."""
     from headrace.pipelines.example import ExampleConfig, build_example
