@@ -41,6 +41,7 @@ __all__ = [
     "keep_negative",
     "parse_action",
     "parse_impression",
+    "replay_events",
 ]
 
 NUM_FIELDS = 39
@@ -88,6 +89,43 @@ def parse_action(value: bytes | str) -> Action:
     except ValueError:
         raise EventError(f"action: event_time_ms {parts[1]!r} is not an integer") from None
     return Action(parts[0], time_ms, parts[2])
+
+
+def replay_events(
+    lines, *, start_ms: int, rate: float, mean_click_delay_s: float = 5.0, seed: int = 0, prefix: str = "r"
+):
+    """Impression and action events from Criteo-format lines, in event-time order.
+
+    Line k is requested at ``start_ms + k / rate`` seconds: an impression carrying its 39 raw fields; if its
+    label is 1, a click follows after an exponential delay of mean `mean_click_delay_s` (so some clicks
+    arrive after any finite join window: the late ones). Yields ``(topic, event_time_ms, message)`` with
+    topic "impressions" or "actions" and messages in the formats `parse_impression` / `parse_action` read.
+    Malformed lines (not 40 fields, label not 0/1) are skipped, as ctr-ingest would reject them.
+    """
+    import heapq
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    pending: list[tuple[int, int, str]] = []  # clicks waiting for their time: (time, seq, message)
+    seq = 0
+    for k, line in enumerate(lines):
+        parts = line.rstrip("\n").split("\t")
+        if len(parts) != 1 + NUM_FIELDS or parts[0] not in ("0", "1"):
+            continue
+        t = start_ms + round(k * 1000 / rate)
+        while pending and pending[0][0] <= t:
+            when, _, message = heapq.heappop(pending)
+            yield "actions", when, message
+        rid = f"{prefix}{k}"
+        yield "impressions", t, "\t".join([rid, str(t), *parts[1:]])
+        if parts[0] == "1":
+            when = t + int(rng.exponential(mean_click_delay_s) * 1000)
+            heapq.heappush(pending, (when, seq, f"{rid}\t{when}\tclick"))
+            seq += 1
+    while pending:
+        when, _, message = heapq.heappop(pending)
+        yield "actions", when, message
 
 
 def keep_negative(request_id: str, keep_rate: float) -> bool:

@@ -110,3 +110,23 @@ def test_malformed_events_name_the_field():
         parse_action("r1\tsoon\tclick")
     assert parse_action(b"r1\t5\tclick") == Action("r1", 5, "click")
     assert parse_impression("\t".join(["r1", "7", *FIELDS])).fields == FIELDS
+
+
+def test_replay_turns_a_criteo_log_into_time_ordered_events(tmp_path):
+    from headrace.pipelines.ctr_data import generate
+    from headrace.pipelines.ctr_stream import replay_events
+
+    generate(tmp_path / "log.tsv", 2000, seed=3, malformed_every=500)
+    lines = (tmp_path / "log.tsv").read_text().splitlines()
+    events = list(replay_events(lines, start_ms=10_000, rate=100.0, mean_click_delay_s=2.0, seed=1))
+    times = [t for _, t, _ in events]
+    assert times == sorted(times)  # event-time order across both topics
+    impressions = [parse_impression(m) for topic, _, m in events if topic == "impressions"]
+    actions = [parse_action(m) for topic, _, m in events if topic == "actions"]
+    valid = [line for line in lines if len(line.split("\t")) == 40 and line.split("\t")[0] in ("0", "1")]
+    assert len(impressions) == len(valid) < len(lines)  # malformed lines are not replayed
+    assert len(actions) == sum(line.startswith("1\t") for line in valid) > 0
+    by_id = {i.request_id: i for i in impressions}
+    delays = np.array([a.time_ms - by_id[a.request_id].time_ms for a in actions]) / 1000
+    assert (delays >= 0).all() and 1.5 < delays.mean() < 2.5  # exponential, mean 2 s
+    assert impressions[1].time_ms - impressions[0].time_ms == 10  # 100 requests per second
