@@ -32,9 +32,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from headrace.models import spatial  # noqa: E402
-from headrace.models.spatial import Partition  # noqa: E402
 from headrace.models.unet3d import UNet3D  # noqa: E402
-from headrace.runners.train_unet3d import _peak_bytes, _slabs, devices  # noqa: E402
+from headrace.runners.train_unet3d import _peak_bytes, devices, partition_for  # noqa: E402
 from headrace.runners.training import Adam  # noqa: E402
 
 
@@ -42,9 +41,7 @@ def measure(shape, channels, depth, parts, *, steps=3):
     model = UNet3D(channels=channels, levels=depth, seed=0)
     model.check_shape(shape)
     devs = devices(parts)
-    part = Partition.even(
-        shape[0], parts, devs, multiple=model.multiple, slabs=_slabs(0, shape[0] // model.multiple, parts)
-    )
+    part = partition_for(shape[0], parts, model, devs)
     weights = model.weights
     opt = Adam(weights)
     rng = np.random.default_rng(0)

@@ -51,7 +51,7 @@ from apache_beam.io.filesystems import FileSystems
 from headrace.runners import config as config_lib
 from headrace.runners.beam_runner import WORK_DIR
 from headrace.runners.errors import ConfigError, InputError
-from headrace.transforms.io import WriteJson
+from headrace.transforms.io import WriteJson, match_files
 from headrace.transforms.tfrecord import Feature, FeatureSpec, example_chunks, write_record_chunks
 from headrace.transforms.volume import (
     GeometryError,
@@ -504,7 +504,6 @@ class _Finish(beam.DoFn):
         blocks = 0
         if volume.nbytes > config.block_above_mb * 2**20:
             part = f"{self._work}/blocks/{digest}.tfrecord"
-            labels = dict(iter_blocks(label, config.block, config.halo)) if label is not None else {}
             with FileSystems.create(part) as f:
                 for block, view in iter_blocks(volume, config.block, config.halo):
                     rec = {
@@ -518,8 +517,8 @@ class _Finish(beam.DoFn):
                         "shape": list(block.shape),
                         "spacing": list(spacing),
                     }
-                    if labels:
-                        rec["label"] = np.ascontiguousarray(labels[block])
+                    if label is not None:
+                        rec["label"] = np.ascontiguousarray(label[block.slices])
                     write_record_chunks(f, example_chunks(BLOCK_SPEC, rec))
                     blocks += 1
             self._blocks.inc(blocks)
@@ -653,13 +652,7 @@ def list_inputs(directory: str) -> list[str]:
     root = directory.rstrip("/")
     if "://" not in root and not os.path.isdir(root):
         raise InputError(f"--input {directory}: not a directory")
-    try:
-        files = sorted(m.path for r in FileSystems.match([f"{root}/**"]) for m in r.metadata_list)
-    except Exception as exc:
-        raise InputError(f"--input {directory}: {exc}") from None
-    if not files:
-        raise InputError(f"--input {directory}: no files")
-    return files
+    return match_files(f"{root}/**", flag="--input")
 
 
 def _check(config: CtIngestConfig) -> None:

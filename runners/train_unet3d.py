@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -134,6 +135,15 @@ def _slabs(requested: int, units: int, parts: int) -> int:
     return parts  # P > 8 or a thin volume: Partition.even explains what does not fit
 
 
+def partition_for(depth: int, parts: int, model, devs: Sequence[str], *, slabs: int = 0):
+    """The partition the trainer uses for an input of `depth` slices (see `_slabs`)."""
+    from headrace.models.spatial import Partition
+
+    return Partition.even(
+        depth, parts, devs, multiple=model.multiple, slabs=_slabs(slabs, depth // model.multiple, parts)
+    )
+
+
 def devices(n: int) -> list[str]:
     """The devices the blocks go to: GPUs when there are at least n; else logical CPU devices 1..n, the
     first one keeping the weights, the optimizer and the cross-block sums.
@@ -158,18 +168,20 @@ def devices(n: int) -> list[str]:
     return cpus[1 : n + 1]
 
 
-def read_manifest(data: str) -> tuple[list[str], list[str]]:
-    """(ids of labelled volumes, ids of unlabelled ones) from ``DATA/manifest.jsonl``."""
+def read_manifest(data: str) -> tuple[list[str], list[str], dict[str, list[int]]]:
+    """(ids of labelled volumes, ids of unlabelled ones, shape of every volume) from
+    ``DATA/manifest.jsonl``."""
     path = Path(data) / "manifest.jsonl"
     if not path.is_file():
         raise InputError(f"--data {data}: no manifest.jsonl (is it a ct-ingest output?)")
-    labelled, unlabelled = [], []
+    labelled, unlabelled, shapes = [], [], {}
     for line in path.read_text().splitlines():
         entry = json.loads(line)
         if entry["status"] != "ok":
             continue
         (labelled if entry.get("label") else unlabelled).append(entry["id"])
-    return sorted(labelled), sorted(unlabelled)
+        shapes[entry["id"]] = entry["shape"]
+    return sorted(labelled), sorted(unlabelled), shapes
 
 
 def split_ids(ids: Sequence[str], eval_fraction: float) -> tuple[list[str], list[str]]:
@@ -232,27 +244,24 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if denom == 0 else float(2.0 * np.logical_and(p, t).sum() / denom)
 
 
-class _Exported:
-    """What the SavedModel holds: the weights and the patch forward on one device."""
+def _export(model, patch: Sequence[int]):
+    """What the SavedModel holds: the weights and the patch forward on one device; (module, serve)."""
+    import tensorflow as tf
 
-    @staticmethod
-    def build(model, patch: Sequence[int]):
-        import tensorflow as tf
+    from headrace.models import spatial
+    from headrace.models.spatial import Partition
 
-        from headrace.models import spatial
-        from headrace.models.spatial import Partition
+    module = tf.Module()
+    module.model = model
+    whole = Partition(sizes=(int(patch[0]),), devices=("",))  # no device pin: runs where it is loaded
 
-        module = tf.Module()
-        module.model = model
-        whole = Partition(sizes=(int(patch[0]),), devices=("",))  # no device pin: runs where it is loaded
+    @tf.function(input_signature=[tf.TensorSpec([None, *patch, 1], tf.float32, name="volume")])
+    def serve(volume):
+        logits = spatial.gather(model.logits([volume], whole))
+        return {"probability": tf.nn.softmax(logits)[..., 1]}
 
-        @tf.function(input_signature=[tf.TensorSpec([None, *patch, 1], tf.float32, name="volume")])
-        def serve(volume):
-            logits = spatial.gather(model.logits([volume], whole))
-            return {"probability": tf.nn.softmax(logits)[..., 1]}
-
-        module.serve = serve
-        return module, serve
+    module.serve = serve
+    return module, serve
 
 
 def _peak_bytes(step_fn, inputs, n_devices: int, devs: Sequence[str]) -> int | None:
@@ -281,7 +290,6 @@ def train_and_evaluate(config: UNet3DTrainConfig) -> dict:
     import tensorflow as tf
 
     from headrace.models import spatial
-    from headrace.models.spatial import Partition
     from headrace.models.unet3d import UNet3D
     from headrace.pipelines.ct import patch_dataset, volume_dataset
     from headrace.runners.training import Adam, Progress, Summaries, plot_curves, write_json
@@ -294,7 +302,7 @@ def train_and_evaluate(config: UNet3DTrainConfig) -> dict:
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     config_lib.dump(config, out / "resolved_config.json")
-    labelled, unlabelled = read_manifest(config.data)
+    labelled, unlabelled, shapes = read_manifest(config.data)
     if not labelled:
         raise InputError(f"--data {config.data}: no labelled volumes ({len(unlabelled)} unlabelled, skipped)")
     train_ids, held_ids = split_ids(labelled, config.eval_fraction)
@@ -321,13 +329,8 @@ def train_and_evaluate(config: UNet3DTrainConfig) -> dict:
             repeat=True,
         ).map(lambda p: (p["volume"], p["label"]))
     else:
-        shapes = [
-            json.loads(line)["shape"]
-            for line in (Path(config.data) / "manifest.jsonl").read_text().splitlines()
-            if json.loads(line)["id"] in train_ids
-        ]
         m = model.multiple
-        patch = tuple(int(math.ceil(max(s[a] for s in shapes) / m) * m) for a in range(3))
+        patch = tuple(int(math.ceil(max(shapes[i][a] for i in train_ids) / m) * m) for a in range(3))
 
         def pad(v):
             vol, lab = v["volume"], v["label"]
@@ -338,13 +341,7 @@ def train_and_evaluate(config: UNet3DTrainConfig) -> dict:
             )
 
         ds = volume_dataset(config.data, ids=train_ids, shuffle=True, seed=config.seed, repeat=True).map(pad)
-    partition = Partition.even(
-        patch[0],
-        parts,
-        devs,
-        multiple=model.multiple,
-        slabs=_slabs(config.slabs, patch[0] // model.multiple, parts),
-    )
+    partition = partition_for(patch[0], parts, model, devs, slabs=config.slabs)
     ds = ds.map(lambda v, y: (v[None, ..., None], tf.cast(y[None], tf.int32))).prefetch(2)
 
     opt = Adam(model.weights, learning_rate=config.learning_rate)
@@ -404,7 +401,7 @@ def train_and_evaluate(config: UNet3DTrainConfig) -> dict:
         raise InputError(f"--data {config.data}: the input ended after {len(loss_history)} steps")
 
     # Export, then evaluate through the exported patch forward (what `predict` uses).
-    module, serve = _Exported.build(model, patch)
+    module, serve = _export(model, patch)
     tf.saved_model.save(module, str(out / "saved_model"), signatures={"serving_default": serve})
 
     def predict_fn(window):
@@ -497,8 +494,6 @@ def predict(config: UNet3DPredictConfig) -> dict:
     out = Path(config.output)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     (tmp / "previews").mkdir(parents=True)
     results = {}
@@ -524,8 +519,6 @@ def predict(config: UNet3DPredictConfig) -> dict:
         report["mean_dice"] = float(np.mean(scored))
     (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     tmp.rename(out)
     return {k: v for k, v in report.items() if k != "per_volume"}
