@@ -33,11 +33,16 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Timestamp
 
+from headrace.runners import config as config_lib
+
 __all__ = [
     "Action",
     "Impression",
     "JoinImpressionsAndActions",
     "correct_probability",
+    "CtrJoinConfig",
+    "ReplayConfig",
+    "build_ctr_join",
     "keep_negative",
     "parse_action",
     "parse_impression",
@@ -147,15 +152,10 @@ def example_line(impression: Impression, label: int, weight: float) -> str:
     return "\t".join([str(label), f"{weight:.6g}", *impression.fields])
 
 
-class _Join(beam.DoFn):
-    """Keyed by request id; elements are ``("impression", Impression)`` or ``("action", Action)``."""
+class _JoinLogic:
+    """The join's per-request logic, shared by the event-time and processing-time DoFns below."""
 
     LATE = "late"
-    IMPRESSION = ReadModifyWriteStateSpec("impression", PickleCoder())
-    DONE = ReadModifyWriteStateSpec("done", BooleanCoder())  # example emitted (positive, or negative decided)
-    CLOSED = ReadModifyWriteStateSpec("closed", BooleanCoder())  # the join window has ended
-    WINDOW_END = TimerSpec("window_end", TimeDomain.WATERMARK)
-    CLEANUP = TimerSpec("cleanup", TimeDomain.WATERMARK)
 
     def __init__(self, join_window_s: float, negative_keep_rate: float, grace_s: float):
         self._window_ms = int(join_window_s * 1000)
@@ -168,15 +168,21 @@ class _Join(beam.DoFn):
         self._late = metrics.counter("join", "late_actions")
         self._duplicates = metrics.counter("join", "duplicates")
 
-    def process(
-        self,
-        element,
-        impression_state=beam.DoFn.StateParam(IMPRESSION),
-        done_state=beam.DoFn.StateParam(DONE),
-        closed_state=beam.DoFn.StateParam(CLOSED),
-        window_end=beam.DoFn.TimerParam(WINDOW_END),
-        cleanup=beam.DoFn.TimerParam(CLEANUP),
-    ):
+    def _fire_ms(self, event_end_ms: int) -> int:
+        return event_end_ms
+
+    def _late_line(self, action: Action):
+        self._late.inc()
+        return beam.pvalue.TaggedOutput(
+            self.LATE, (action.request_id, f"{action.request_id}\t{action.time_ms}\t{action.kind}")
+        )
+
+    def _positive(self, impression: Impression, done_state):
+        done_state.write(True)
+        self._positives.inc()
+        return impression.request_id, example_line(impression, 1, 1.0)
+
+    def _event(self, element, impression_state, done_state, closed_state, early_state, window_end, cleanup):
         _, (kind, event) = element
         if kind == "impression":
             if impression_state.read() is not None:
@@ -184,31 +190,38 @@ class _Join(beam.DoFn):
                 return
             impression_state.write(event)
             end = event.time_ms + self._window_ms
-            window_end.set(Timestamp(micros=end * 1000))
-            cleanup.set(Timestamp(micros=(end + self._grace_ms) * 1000))
+            window_end.set(Timestamp(micros=self._fire_ms(end) * 1000))
+            cleanup.set(Timestamp(micros=self._fire_ms(end + self._grace_ms) * 1000))
+            early = early_state.read()
+            if early is not None:  # the click was read before its impression (another partition)
+                early_state.clear()
+                if event.time_ms <= early.time_ms <= end:
+                    yield self._positive(event, done_state)
+                else:
+                    yield self._late_line(early)
             return
         # An action.
-        impression = impression_state.read()
         if event.kind != "click":
             return
-        if impression is None or closed_state.read() or event.time_ms > impression.time_ms + self._window_ms:
-            self._late.inc()
-            yield beam.pvalue.TaggedOutput(self.LATE, f"{event.request_id}\t{event.time_ms}\t{event.kind}")
+        impression = impression_state.read()
+        if impression is None:
+            if closed_state.read():  # the impression's state was cleared: long after its window
+                yield self._late_line(event)
+            elif early_state.read() is not None:
+                self._duplicates.inc()
+            else:  # hold it until its impression arrives, or until a window past the click
+                early_state.write(event)
+                cleanup.set(Timestamp(micros=self._fire_ms(event.time_ms + self._window_ms + self._grace_ms) * 1000))
+            return
+        if closed_state.read() or event.time_ms > impression.time_ms + self._window_ms:
+            yield self._late_line(event)
             return
         if done_state.read():
             self._duplicates.inc()
             return
-        done_state.write(True)
-        self._positives.inc()
-        yield example_line(impression, 1, 1.0)
+        yield self._positive(impression, done_state)
 
-    @on_timer(WINDOW_END)
-    def _window_end(
-        self,
-        impression_state=beam.DoFn.StateParam(IMPRESSION),
-        done_state=beam.DoFn.StateParam(DONE),
-        closed_state=beam.DoFn.StateParam(CLOSED),
-    ):
+    def _window_closed(self, impression_state, done_state, closed_state):
         closed_state.write(True)
         impression = impression_state.read()
         if impression is None or done_state.read():
@@ -216,37 +229,267 @@ class _Join(beam.DoFn):
         done_state.write(True)
         if keep_negative(impression.request_id, self._keep):
             self._negatives.inc()
-            yield example_line(impression, 0, 1.0 / self._keep)
+            yield impression.request_id, example_line(impression, 0, 1.0 / self._keep)
         else:
             self._dropped.inc()
+
+    def _expire(self, early_state, *states):
+        """End of a request's state; a click still waiting for its impression is late."""
+        early = early_state.read()
+        if early is not None:
+            yield self._late_line(early)
+        early_state.clear()
+        for state in states:
+            state.clear()
+
+
+_IMPRESSION = ReadModifyWriteStateSpec("impression", PickleCoder())
+_DONE = ReadModifyWriteStateSpec("done", BooleanCoder())  # example emitted (positive, or negative decided)
+_CLOSED = ReadModifyWriteStateSpec("closed", BooleanCoder())  # the join window has ended
+_EARLY = ReadModifyWriteStateSpec("early", PickleCoder())  # a click that came before its impression
+
+
+class _Join(_JoinLogic, beam.DoFn):
+    """Event time: windows end when the watermark passes them. Keyed by request id; elements are
+    ``("impression", Impression)`` or ``("action", Action)``."""
+
+    WINDOW_END = TimerSpec("window_end", TimeDomain.WATERMARK)
+    CLEANUP = TimerSpec("cleanup", TimeDomain.WATERMARK)
+
+    def process(
+        self,
+        element,
+        impression_state=beam.DoFn.StateParam(_IMPRESSION),
+        done_state=beam.DoFn.StateParam(_DONE),
+        closed_state=beam.DoFn.StateParam(_CLOSED),
+        early_state=beam.DoFn.StateParam(_EARLY),
+        window_end=beam.DoFn.TimerParam(WINDOW_END),
+        cleanup=beam.DoFn.TimerParam(CLEANUP),
+    ):
+        yield from self._event(
+            element, impression_state, done_state, closed_state, early_state, window_end, cleanup
+        )
+
+    @on_timer(WINDOW_END)
+    def _window_end(
+        self,
+        impression_state=beam.DoFn.StateParam(_IMPRESSION),
+        done_state=beam.DoFn.StateParam(_DONE),
+        closed_state=beam.DoFn.StateParam(_CLOSED),
+    ):
+        yield from self._window_closed(impression_state, done_state, closed_state)
 
     @on_timer(CLEANUP)
     def _cleanup(
         self,
-        impression_state=beam.DoFn.StateParam(IMPRESSION),
-        done_state=beam.DoFn.StateParam(DONE),
-        closed_state=beam.DoFn.StateParam(CLOSED),
+        impression_state=beam.DoFn.StateParam(_IMPRESSION),
+        done_state=beam.DoFn.StateParam(_DONE),
+        closed_state=beam.DoFn.StateParam(_CLOSED),
+        early_state=beam.DoFn.StateParam(_EARLY),
     ):
-        impression_state.clear()
-        done_state.clear()
-        closed_state.clear()
+        yield from self._expire(early_state, impression_state, done_state, closed_state)
+
+
+class _ProcessingTimeJoin(_JoinLogic, beam.DoFn):
+    """Processing time: a window ends when the clock reaches the impression's event time plus the window
+    (at once if that has passed). Equal to event time when producers stamp events as they send them."""
+
+    WINDOW_END = TimerSpec("window_end", TimeDomain.REAL_TIME)
+    CLEANUP = TimerSpec("cleanup", TimeDomain.REAL_TIME)
+
+    def _fire_ms(self, event_end_ms: int) -> int:
+        import time
+
+        return max(event_end_ms, int(time.time() * 1000))
+
+    def process(
+        self,
+        element,
+        impression_state=beam.DoFn.StateParam(_IMPRESSION),
+        done_state=beam.DoFn.StateParam(_DONE),
+        closed_state=beam.DoFn.StateParam(_CLOSED),
+        early_state=beam.DoFn.StateParam(_EARLY),
+        window_end=beam.DoFn.TimerParam(WINDOW_END),
+        cleanup=beam.DoFn.TimerParam(CLEANUP),
+    ):
+        yield from self._event(
+            element, impression_state, done_state, closed_state, early_state, window_end, cleanup
+        )
+
+    @on_timer(WINDOW_END)
+    def _window_end(
+        self,
+        impression_state=beam.DoFn.StateParam(_IMPRESSION),
+        done_state=beam.DoFn.StateParam(_DONE),
+        closed_state=beam.DoFn.StateParam(_CLOSED),
+    ):
+        yield from self._window_closed(impression_state, done_state, closed_state)
+
+    @on_timer(CLEANUP)
+    def _cleanup(
+        self,
+        impression_state=beam.DoFn.StateParam(_IMPRESSION),
+        done_state=beam.DoFn.StateParam(_DONE),
+        closed_state=beam.DoFn.StateParam(_CLOSED),
+        early_state=beam.DoFn.StateParam(_EARLY),
+    ):
+        yield from self._expire(early_state, impression_state, done_state, closed_state)
+
+
+_KEYED = beam.typehints.KV[str, beam.typehints.Any]  # request ids as UTF-8: a deterministic key coder
 
 
 @beam.ptransform_fn
 def JoinImpressionsAndActions(
-    pcolls, *, join_window_s: float = 60.0, negative_keep_rate: float = 1.0, grace_s: float | None = None
+    pcolls,
+    *,
+    join_window_s: float = 60.0,
+    negative_keep_rate: float = 1.0,
+    grace_s: float | None = None,
+    time_domain: str = "event",
 ):
     """``(impressions, actions)`` PCollections of `Impression` / `Action` (timestamped with their event
-    time) -> ``{"examples": lines, "late": late action lines}``."""
+    time) -> ``{"examples": (request_id, example line), "late": (request_id, action line)}``.
+
+    `time_domain` "event" ends windows by the watermark; "processing" by the clock at the impression's
+    event time plus the window (what `build_ctr_join` uses on Flink, see there)."""
+    if time_domain not in ("event", "processing"):
+        raise ValueError(f"time_domain {time_domain!r}: 'event' or 'processing'")
     if not 0 < negative_keep_rate <= 1:
         raise ValueError(f"negative_keep_rate {negative_keep_rate}: must be in (0, 1]")
     impressions, actions = pcolls
     grace = join_window_s if grace_s is None else grace_s
     keyed = (
-        impressions | "KeyImpressions" >> beam.Map(lambda i: (i.request_id, ("impression", i))),
-        actions | "KeyActions" >> beam.Map(lambda a: (a.request_id, ("action", a))),
+        impressions
+        | "KeyImpressions" >> beam.Map(lambda i: (i.request_id, ("impression", i))).with_output_types(_KEYED),
+        actions | "KeyActions" >> beam.Map(lambda a: (a.request_id, ("action", a))).with_output_types(_KEYED),
     ) | "Events" >> beam.Flatten()
-    joined = keyed | "Join" >> beam.ParDo(_Join(join_window_s, negative_keep_rate, grace)).with_outputs(
-        _Join.LATE, main="examples"
-    )
+    dofn = (_Join if time_domain == "event" else _ProcessingTimeJoin)(join_window_s, negative_keep_rate, grace)
+    joined = keyed | "Join" >> beam.ParDo(dofn).with_outputs(_Join.LATE, main="examples")
     return {"examples": joined["examples"], "late": joined[_Join.LATE]}
+
+
+# -------------------------------------------------------------------------------------------------
+# On Kafka: `headrace stream ctr-join`
+# -------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class CtrJoinConfig:
+    bootstrap: str = dataclasses.field(default="127.0.0.1:9092", metadata={"help": "Kafka HOST:PORT"})
+    impressions: str = "impressions"
+    actions: str = "actions"
+    examples: str = "examples"
+    late: str = dataclasses.field(default="late-actions", metadata={"help": "topic for late actions"})
+    rejected: str = dataclasses.field(default="rejected-events", metadata={"help": "malformed events"})
+    join_window: float = dataclasses.field(default=60.0, metadata={"help": "seconds from an impression"})
+    negative_keep_rate: float = 1.0
+    grace: float = dataclasses.field(default=-1.0, metadata={"help": "state kept past the window (-1: one window)"})
+    partitions: int = dataclasses.field(default=1, metadata={"help": "for topics the join creates"})
+    time_domain: str = dataclasses.field(
+        default="processing", metadata={"help": "what ends a window: processing (clock) or event (watermark)"}
+    )
+    start: str = dataclasses.field(default="earliest", metadata={"help": "where a new group starts: earliest|latest"})
+
+
+@config_lib.register("ctr-join", command="stream ctr-join")
+def ctr_join() -> CtrJoinConfig:
+    """Join impressions and clicks from Kafka within 60 s, keep every negative."""
+    return CtrJoinConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayConfig:
+    input: str = dataclasses.field(default="", metadata={"help": "a Criteo-format TSV log"})
+    bootstrap: str = "127.0.0.1:9092"
+    impressions: str = "impressions"
+    actions: str = "actions"
+    rate: float = dataclasses.field(default=1000.0, metadata={"help": "impressions per second"})
+    mean_click_delay: float = dataclasses.field(default=5.0, metadata={"help": "seconds, exponential"})
+    limit: int = dataclasses.field(default=0, metadata={"help": "replay at most this many lines (0: all)"})
+    seed: int = 0
+    prefix: str = dataclasses.field(default="r", metadata={"help": "request ids are PREFIX<line number>"})
+    log_every_seconds: float = 10.0
+
+
+@config_lib.register("replay", command="stream replay")
+def replay() -> ReplayConfig:
+    """Replay a Criteo log at 1,000 impressions/s with clicks 5 s later on average."""
+    return ReplayConfig()
+
+
+class _ParseRecord(beam.DoFn):
+    """A Kafka record (with metadata) -> ``("impression", Impression)`` / ``("action", Action)``, or a line
+    naming the topic, partition, offset and field on the ``rejected`` output."""
+
+    REJECTED = "rejected"
+
+    def __init__(self, impressions_topic: str):
+        self._impressions = impressions_topic
+        self._rejected = beam.metrics.Metrics.counter("join", "rejected_events")
+        self._read = beam.metrics.Metrics.counter("join", "events_read")
+
+    def process(self, record):
+        self._read.inc()
+        where = f"{record.topic}[{record.partition}]@{record.offset}"
+        try:
+            if record.topic == self._impressions:
+                yield "impression", parse_impression(record.value)
+            else:
+                yield "action", parse_action(record.value)
+        except (EventError, UnicodeDecodeError) as exc:
+            self._rejected.inc()
+            yield beam.pvalue.TaggedOutput(self.REJECTED, (where, f"{where}: {exc}"))
+
+
+def _encode(kv) -> tuple[bytes, bytes]:
+    key, value = kv
+    return key.encode("utf-8"), value.encode("utf-8")
+
+
+def build_ctr_join(pipeline: beam.Pipeline, config: CtrJoinConfig, expansion_service: str) -> dict:
+    """Kafka impressions + actions -> Kafka examples, late actions and rejected events.
+
+    One cross-language ReadFromKafka over both topics, with the records' CreateTime as event time (the
+    producer stamps it at send time): the watermark follows the producers, and on an idle partition it
+    advances with the clock, so windows close when traffic pauses. The join is `JoinImpressionsAndActions`.
+    """
+    from apache_beam.io.kafka import ReadFromKafka, WriteToKafka
+
+    if not 0 < config.negative_keep_rate <= 1:
+        raise ValueError(f"--negative-keep-rate {config.negative_keep_rate}: must be in (0, 1]")
+    records = pipeline | "ReadEvents" >> ReadFromKafka(
+        # No group.id: with one, reading began only ~2 minutes after the job started (measured here);
+        # the join keeps no offsets and starts from `start` (its state is not checkpointed either).
+        consumer_config={"bootstrap.servers": config.bootstrap, "auto.offset.reset": config.start},
+        topics=[config.impressions, config.actions],
+        timestamp_policy=ReadFromKafka.create_time_policy,
+        with_metadata=True,
+        expansion_service=expansion_service,
+    )
+    parsed = records | "Parse" >> beam.ParDo(_ParseRecord(config.impressions)).with_outputs(
+        _ParseRecord.REJECTED, main="events"
+    )
+    events = parsed["events"]
+    impressions = events | "Impressions" >> beam.FlatMap(lambda e: [e[1]] if e[0] == "impression" else [])
+    actions = events | "Actions" >> beam.FlatMap(lambda e: [e[1]] if e[0] == "action" else [])
+    joined = (impressions, actions) | "Join" >> JoinImpressionsAndActions(
+        join_window_s=config.join_window,
+        negative_keep_rate=config.negative_keep_rate,
+        grace_s=None if config.grace < 0 else config.grace,
+        time_domain=config.time_domain,
+    )
+    producer = {"bootstrap.servers": config.bootstrap}
+    for name, pcoll, topic in (
+        ("Examples", joined["examples"], config.examples),
+        ("Late", joined["late"], config.late),
+        ("Rejected", parsed[_ParseRecord.REJECTED], config.rejected),
+    ):
+        (
+            pcoll
+            | f"Encode{name}" >> beam.Map(_encode).with_output_types(tuple[bytes, bytes])
+            | f"Write{name}" >> WriteToKafka(
+                producer_config=producer, topic=topic, expansion_service=expansion_service
+            )
+        )
+    return joined

@@ -65,10 +65,12 @@ def _setup_logging(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
+        force=True,  # importing a command's module may have installed a handler already
     )
     if not verbose:
         for noisy in ("apache_beam", "absl", "tensorflow", "root", "h5py", "matplotlib"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("headrace").setLevel(logging.DEBUG if verbose else logging.INFO)
     # Beam warns that python-snappy's crc32c is missing; crcmod's C extension, which it falls back to,
     # takes 0.8 us per 200-byte record here, far below the cost of building the example.
     logging.getLogger("apache_beam.io.tfrecordio").setLevel(logging.ERROR)
@@ -131,6 +133,8 @@ def _resolve_config(command: commands.Command, argv: Sequence[str], *, allow_unk
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a (nested) field"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    if command.verb == "stream" and command.name == "ctr-join":
+        parser.add_argument("--runner", default="FlinkRunner", help="a streaming runner (default FlinkRunner)")
     if command.verb == "run":
         parser.add_argument(
             "--runner", default=None, help="FnApiRunner (default), FlinkRunner, DataflowRunner, ..."
@@ -246,6 +250,22 @@ def _train(name: str, argv: Sequence[str], table=commands.TRAINERS) -> int:
     return 0
 
 
+def _stream(name: str, argv: Sequence[str]) -> int:
+    if name not in commands.STREAMS:
+        raise ConfigError(f"unknown stream command {name!r} (commands: {', '.join(sorted(commands.STREAMS))})")
+    command = commands.STREAMS[name]
+    join = name == "ctr-join"
+    config, args, beam_args = _resolve_config(command, argv, allow_unknown=join)
+    _setup_logging(args.verbose)
+    if join:
+        _check_beam_args(beam_args, command.key)
+        return command.load()(config, args.runner, beam_args)
+    import json
+
+    print(json.dumps(command.load()(config)))
+    return 0
+
+
 def _configs(argv: Sequence[str]) -> int:
     parser = _Parser(prog="headrace configs")
     sub = parser.add_subparsers(dest="action", required=True)
@@ -325,7 +345,7 @@ def _demo(argv: Sequence[str]) -> int:
 
 def _usage() -> str:
     lines = [
-        "usage: headrace {run,train,predict,configs,demo,jars,stack} ...",
+        "usage: headrace {run,train,predict,stream,configs,demo,jars,stack} ...",
         "",
         "headrace: Beam pipelines that turn raw data into sharded tf.data input, and DTensor trainers.",
         "",
@@ -333,6 +353,8 @@ def _usage() -> str:
         "  train MODEL      train a model on a DTensor mesh: " + ", ".join(sorted(commands.TRAINERS)),
         "  predict MODEL    run a trained model over a pipeline's output: "
         + ", ".join(sorted(commands.PREDICTORS)),
+        "  stream NAME      streaming CTR: " + ", ".join(sorted(commands.STREAMS)) + " (online training:"
+        " train ctr --online)",
         "  configs          list / show registered configs",
         "  demo             run every pipeline and trainer on small embedded data",
         "  jars             build / locate the Java jars (Flink job server with KafkaIO, Kafka broker)",
@@ -362,6 +384,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if verb == "predict":
                 return _train(rest[0], rest[1:], commands.PREDICTORS)
             return (_run if verb == "run" else _train)(rest[0], rest[1:])
+        if verb == "stream":
+            if not rest or rest[0].startswith("-"):
+                raise ConfigError("headrace stream: missing the command (ctr-join, replay)")
+            return _stream(rest[0], rest[1:])
         if verb == "configs":
             return _configs(rest)
         if verb == "demo":
@@ -371,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if verb == "stack":
             return _stack(rest)
         raise ConfigError(
-            f"unknown command {verb!r} (commands: run, train, predict, configs, demo, jars, stack)"
+            f"unknown command {verb!r} (commands: run, train, predict, stream, configs, demo, jars, stack)"
         )
     except HeadraceError as exc:
         print(f"headrace: error: {exc}", file=sys.stderr)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-__all__ = ["PIPELINES", "PREDICTORS", "TRAINERS", "Command", "load_all"]
+__all__ = ["PIPELINES", "PREDICTORS", "STREAMS", "TRAINERS", "Command", "load_all"]
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,30 @@ PREDICTORS = {
 }
 
 
+STREAMS = {
+    c.name: c
+    for c in [
+        Command(
+            "stream",
+            "ctr-join",
+            "headrace.runners.stream",
+            "ctr_join",
+            "ctr-join",
+            "Kafka impressions + actions -> examples (state and timers, sampled negatives) on Flink",
+        ),
+        Command(
+            "stream",
+            "replay",
+            "headrace.runners.stream",
+            "replay",
+            "replay",
+            "a Criteo log -> impression and delayed click events on Kafka, in real time",
+        ),
+    ]
+}
+
+
 def load_all() -> None:
     """Imports every command module so that all configs are registered."""
-    for command in [*PIPELINES.values(), *TRAINERS.values(), *PREDICTORS.values()]:
+    for command in [*PIPELINES.values(), *TRAINERS.values(), *PREDICTORS.values(), *STREAMS.values()]:
         importlib.import_module(command.module)

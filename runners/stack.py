@@ -34,7 +34,16 @@ from pathlib import Path
 from headrace.runners import jars
 from headrace.runners.errors import HeadraceError
 
-__all__ = ["KafkaBroker", "expansion_service", "free_port", "start_kafka", "status", "stop"]
+__all__ = [
+    "KafkaBroker",
+    "create_topics",
+    "end_offsets",
+    "expansion_service",
+    "free_port",
+    "start_kafka",
+    "status",
+    "stop",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -207,6 +216,46 @@ def down() -> bool:
     stop(broker)
     _state_file().unlink(missing_ok=True)
     return True
+
+
+# -- topics ----------------------------------------------------------------------------------------
+
+
+def _admin(bootstrap: str, *args: str) -> list[list[str]]:
+    """Runs runners/java/KafkaTopics.java (Kafka's AdminClient, from the broker jar); its output rows."""
+    source = Path(__file__).parent / "java" / "KafkaTopics.java"
+    proc = subprocess.run(
+        [
+            "java",
+            "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn",
+            "-cp",
+            str(jars.jar_path("kafka-broker")),
+            str(source),
+            bootstrap,
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise StackError(f"kafka admin {' '.join(args)} on {bootstrap} failed:\n{proc.stderr[-2000:]}")
+    return [line.split("\t") for line in proc.stdout.splitlines() if line.strip()]
+
+
+def create_topics(bootstrap: str, topics, partitions: int = 1) -> list[str]:
+    """Creates the topics that do not exist yet (with `partitions` each); returns those created.
+
+    Consumers need their topics to exist: KafkaIO lists a topic's partitions once, at start, and a read
+    of a topic without partitions finishes at once (seen: the join job ending as soon as it started)."""
+    rows = _admin(bootstrap, "create", str(partitions), *topics)
+    return [row[1] for row in rows if row[0] == "created"]
+
+
+def end_offsets(bootstrap: str, topics) -> dict[tuple[str, int], int]:
+    """``{(topic, partition): end offset}`` for every partition of the topics (which must exist)."""
+    return {(row[0], int(row[1])): int(row[2]) for row in _admin(bootstrap, "offsets", *topics)}
 
 
 # -- KafkaIO expansion service ---------------------------------------------------------------------

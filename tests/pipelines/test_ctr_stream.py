@@ -59,18 +59,20 @@ def test_join_window_positives_negatives_late_and_duplicates():
         [click("e", 6), click("e", 7)],  # e: a second click is a duplicate
         13,  # b's and c's windows (ending at 11 and 12) are over: negatives
         [click("c", 15)],  # c: clicked after its window closed: late, not a positive
+        [click("g", 16)],  # g: the click is read before its impression (another partition) ...
+        [imp("g", 15.5)],  # ... and joins when the impression comes: a positive
         40,
     ]
     p, joined = _run(events)
     assert_that(
-        joined["examples"] | "Labels" >> beam.Map(lambda line: line.split("\t")[0]),
-        equal_to(["1", "1", "0", "0", "0"]),  # a, e positive; b, c, f negative
+        joined["examples"] | "Labels" >> beam.Map(lambda kv: kv[1].split("\t")[0] + kv[0]),
+        equal_to(["1a", "1e", "1g", "0b", "0c", "0f"]),  # a, e, g positive; b, c, f negative
         label="labels",
     )
     assert_that(
-        joined["late"] | beam.Map(lambda line: line.split("\t")[0]), equal_to(["c", "d"]), label="late"
+        joined["late"] | beam.Map(lambda kv: kv[1].split("\t")[0]), equal_to(["c", "d"]), label="late"
     )
-    # Exactly five examples: the duplicated impression (f) and the second click (e) add none. (The
+    # Exactly six examples: the duplicated impression (f) and the second click (e) add none. (The
     # BundleBasedDirectRunner reports no metrics in streaming mode; the join's counters show on Flink.)
     p.run().wait_until_finish()
 
@@ -86,7 +88,8 @@ def test_negatives_sampled_and_weighted_recover_the_true_ctr():
     expected_negatives = sum(keep_negative(f"r{i}", keep) for i in range(n) if not clicked[i])
     positives = int(clicked.sum())
 
-    def check(lines):  # runs inside the pipeline, on every example
+    def check(keyed):  # runs inside the pipeline, on every example
+        lines = [line for _, line in keyed]
         labels = np.array([int(x.split("\t")[0]) for x in lines])
         weights = np.array([float(x.split("\t")[1]) for x in lines])
         assert labels.sum() == positives  # every click joined

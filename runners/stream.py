@@ -1,0 +1,139 @@
+"""``headrace stream``: the streaming CTR path's long-running processes.
+
+    headrace stream replay --input CRITEO_TSV --bootstrap HOST:PORT [--rate N] [--mean-click-delay S]
+    headrace stream ctr-join --bootstrap HOST:PORT --impressions T --actions T --examples T
+        [--join-window S] [--negative-keep-rate R] [--runner FlinkRunner] [beam options]
+
+`replay` is a producer: each line of a Criteo log becomes an impression at its scheduled time (``rate``
+per second from now) and, for a clicked line, a click an exponential delay later, both sent when their
+time comes, so that the Kafka record's CreateTime, the event time in the message and the wall clock
+agree. `ctr-join` runs until stopped (Ctrl-C or SIGTERM cancels the job). The online trainer is
+``headrace train ctr --online`` (`headrace.runners.train_ctr_online`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import signal
+import time
+
+from headrace.pipelines.ctr_stream import CtrJoinConfig, ReplayConfig, build_ctr_join, replay_events
+from headrace.runners.errors import InputError
+
+__all__ = ["ctr_join", "replay"]
+
+_log = logging.getLogger("headrace.stream")
+
+
+class KafkaProducer:
+    """Messages to Kafka topics with tfio's producer (librdkafka); no keys.
+
+    One producer resource per topic, each under its own shared name: tfio's op kernels are cached by
+    their attributes, so without one every KafkaOutputSequence in a process is the same resource, and the
+    second topic's sequence silently takes over the first's (seen: impressions landing on the actions
+    topic)."""
+
+    def __init__(self, bootstrap: str, linger_ms: int = 5):
+        self._metadata = [f"bootstrap.servers={bootstrap}", f"linger.ms={linger_ms}"]
+        self._topics: dict[str, tuple[object, itertools.count]] = {}
+
+    def send(self, topic: str, message: str | bytes) -> None:
+        from tensorflow_io.python.ops import core_ops
+
+        if topic not in self._topics:
+            resource = core_ops.io_kafka_output_sequence(
+                topic=topic, metadata=self._metadata, shared_name=f"headrace-producer-{topic}"
+            )
+            self._topics[topic] = (resource, itertools.count())
+        resource, index = self._topics[topic]
+        core_ops.io_kafka_output_sequence_set_item(resource, next(index), message)
+
+    def flush(self) -> None:
+        from tensorflow_io.python.ops import core_ops
+
+        for resource, _ in self._topics.values():
+            core_ops.io_kafka_output_sequence_flush(resource)
+
+
+def replay(config: ReplayConfig) -> dict:
+    """Sends the log's events in real time; returns counts. Blocks until the last click is sent."""
+    from pathlib import Path
+
+    path = Path(config.input)
+    if not config.input or not path.is_file():
+        raise InputError(f"--input {config.input!r}: no such file (a Criteo-format TSV log)")
+    if config.rate <= 0:
+        raise InputError(f"--rate {config.rate}: must be > 0 impressions per second")
+    producer = KafkaProducer(config.bootstrap)
+    topics = {"impressions": config.impressions, "actions": config.actions}
+    counts = {"impressions": 0, "actions": 0}
+    start_ms = int(time.time() * 1000) + 500
+    last_log = time.monotonic()
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = itertools.islice(f, config.limit or None)
+        events = replay_events(
+            lines,
+            start_ms=start_ms,
+            rate=config.rate,
+            mean_click_delay_s=config.mean_click_delay,
+            seed=config.seed,
+            prefix=config.prefix,
+        )
+        for kind, t_ms, message in events:
+            wait = t_ms / 1000 - time.time()
+            if wait > 0:
+                time.sleep(wait)
+            producer.send(topics[kind], message)
+            counts[kind] += 1
+            if time.monotonic() - last_log > config.log_every_seconds:
+                last_log = time.monotonic()
+                behind = time.time() - t_ms / 1000
+                _log.info("replay: %s sent (%.1fs behind schedule)", counts, max(behind, 0.0))
+    producer.flush()
+    seconds = time.time() - start_ms / 1000
+    result = {**counts, "seconds": round(seconds, 2), "start_ms": start_ms}
+    _log.info("replay: done, %s", result)
+    return result
+
+
+def ctr_join(config: CtrJoinConfig, runner: str | None, beam_args) -> int:
+    """Submits the join and waits; Ctrl-C / SIGTERM cancel the job."""
+    from headrace.runners import stack
+    from headrace.runners.beam_runner import create_pipeline, resolve_runner
+
+    runner = runner or "FlinkRunner"
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    topics = [config.impressions, config.actions, config.examples, config.late, config.rejected]
+    created = stack.create_topics(config.bootstrap, topics, config.partitions)
+    if created:
+        _log.info("ctr-join: created topics %s (%d partitions each)", created, config.partitions)
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        with stack.expansion_service() as address:
+            pipeline = create_pipeline(runner, beam_args, streaming=True, job_name="headrace-ctr-join")
+            build_ctr_join(pipeline, config, address)
+            result = pipeline.run()
+            _log.info(
+                "ctr-join running on %s: %s + %s -> %s (late: %s, rejected: %s)",
+                resolve_runner(runner),
+                config.impressions,
+                config.actions,
+                config.examples,
+                config.late,
+                config.rejected,
+            )
+            try:
+                result.wait_until_finish()
+            except KeyboardInterrupt:
+                _log.info("ctr-join: stopping")
+                with contextlib.suppress(Exception):
+                    result.cancel()
+                return 130
+            return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
