@@ -37,12 +37,12 @@ from headrace.runners import config as config_lib
 
 __all__ = [
     "Action",
+    "CtrJoinConfig",
     "Impression",
     "JoinImpressionsAndActions",
-    "correct_probability",
-    "CtrJoinConfig",
     "ReplayConfig",
     "build_ctr_join",
+    "correct_probability",
     "keep_negative",
     "parse_action",
     "parse_impression",
@@ -211,7 +211,9 @@ class _JoinLogic:
                 self._duplicates.inc()
             else:  # hold it until its impression arrives, or until a window past the click
                 early_state.write(event)
-                cleanup.set(Timestamp(micros=self._fire_ms(event.time_ms + self._window_ms + self._grace_ms) * 1000))
+                cleanup.set(
+                    Timestamp(micros=self._fire_ms(event.time_ms + self._window_ms + self._grace_ms) * 1000)
+                )
             return
         if closed_state.read() or event.time_ms > impression.time_ms + self._window_ms:
             yield self._late_line(event)
@@ -364,7 +366,9 @@ def JoinImpressionsAndActions(
         | "KeyImpressions" >> beam.Map(lambda i: (i.request_id, ("impression", i))).with_output_types(_KEYED),
         actions | "KeyActions" >> beam.Map(lambda a: (a.request_id, ("action", a))).with_output_types(_KEYED),
     ) | "Events" >> beam.Flatten()
-    dofn = (_Join if time_domain == "event" else _ProcessingTimeJoin)(join_window_s, negative_keep_rate, grace)
+    dofn = (_Join if time_domain == "event" else _ProcessingTimeJoin)(
+        join_window_s, negative_keep_rate, grace
+    )
     joined = keyed | "Join" >> beam.ParDo(dofn).with_outputs(_Join.LATE, main="examples")
     return {"examples": joined["examples"], "late": joined[_Join.LATE]}
 
@@ -384,12 +388,19 @@ class CtrJoinConfig:
     rejected: str = dataclasses.field(default="rejected-events", metadata={"help": "malformed events"})
     join_window: float = dataclasses.field(default=60.0, metadata={"help": "seconds from an impression"})
     negative_keep_rate: float = 1.0
-    grace: float = dataclasses.field(default=-1.0, metadata={"help": "state kept past the window (-1: one window)"})
+    grace: float = dataclasses.field(
+        default=-1.0, metadata={"help": "state kept past the window (-1: one window)"}
+    )
     partitions: int = dataclasses.field(default=1, metadata={"help": "for topics the join creates"})
+    bundle_size: int = dataclasses.field(
+        default=1, metadata={"help": "Flink's --max_bundle_size for the job"}
+    )
     time_domain: str = dataclasses.field(
         default="processing", metadata={"help": "what ends a window: processing (clock) or event (watermark)"}
     )
-    start: str = dataclasses.field(default="earliest", metadata={"help": "where a new group starts: earliest|latest"})
+    start: str = dataclasses.field(
+        default="earliest", metadata={"help": "where a new group starts: earliest|latest"}
+    )
 
 
 @config_lib.register("ctr-join", command="stream ctr-join")
@@ -488,8 +499,7 @@ def build_ctr_join(pipeline: beam.Pipeline, config: CtrJoinConfig, expansion_ser
         (
             pcoll
             | f"Encode{name}" >> beam.Map(_encode).with_output_types(tuple[bytes, bytes])
-            | f"Write{name}" >> WriteToKafka(
-                producer_config=producer, topic=topic, expansion_service=expansion_service
-            )
+            | f"Write{name}"
+            >> WriteToKafka(producer_config=producer, topic=topic, expansion_service=expansion_service)
         )
     return joined

@@ -122,7 +122,11 @@ def _resolve_config(command: commands.Command, argv: Sequence[str], *, allow_unk
     pre = _Parser(add_help=False)
     pre.add_argument("--config", default=command.default_config)
     known, _ = pre.parse_known_args(argv)
-    registered = config_lib.lookup(known.config)
+    try:
+        registered = config_lib.lookup(known.config)
+    except ConfigError:  # perhaps another command's config: load them all to say which
+        commands.load_all()
+        registered = config_lib.lookup(known.config)
     if registered.command != command.key:
         raise ConfigError(f"--config {known.config!r} is for `{registered.command}`, not `{command.key}`")
     base = config_lib.get(known.config)
@@ -134,7 +138,9 @@ def _resolve_config(command: commands.Command, argv: Sequence[str], *, allow_unk
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     if command.verb == "stream" and command.name == "ctr-join":
-        parser.add_argument("--runner", default="FlinkRunner", help="a streaming runner (default FlinkRunner)")
+        parser.add_argument(
+            "--runner", default="FlinkRunner", help="a streaming runner (default FlinkRunner)"
+        )
     if command.verb == "run":
         parser.add_argument(
             "--runner", default=None, help="FnApiRunner (default), FlinkRunner, DataflowRunner, ..."
@@ -252,7 +258,9 @@ def _train(name: str, argv: Sequence[str], table=commands.TRAINERS) -> int:
 
 def _stream(name: str, argv: Sequence[str]) -> int:
     if name not in commands.STREAMS:
-        raise ConfigError(f"unknown stream command {name!r} (commands: {', '.join(sorted(commands.STREAMS))})")
+        raise ConfigError(
+            f"unknown stream command {name!r} (commands: {', '.join(sorted(commands.STREAMS))})"
+        )
     command = commands.STREAMS[name]
     join = name == "ctr-join"
     config, args, beam_args = _resolve_config(command, argv, allow_unknown=join)

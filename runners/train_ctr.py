@@ -98,6 +98,26 @@ class CTRTrainConfig:
     checkpoint_every: int = 0
     resume: bool = False
     export: bool = True
+    # --online: train continuously from a Kafka topic of joined examples (runners/train_ctr_online.py)
+    online: bool = False
+    bootstrap: str = dataclasses.field(default="", metadata={"help": "Kafka HOST:PORT (--online)"})
+    examples: str = dataclasses.field(default="examples", metadata={"help": "topic of examples (--online)"})
+    serving_dir: str = dataclasses.field(
+        default="", metadata={"help": "serving copies S/<version>/ (--online)"}
+    )
+    sync_every: float = dataclasses.field(default=30.0, metadata={"help": "seconds between sparse syncs"})
+    dense_sync_every: float = dataclasses.field(
+        default=120.0, metadata={"help": "seconds between dense syncs"}
+    )
+    checkpoint_every_seconds: float = 60.0
+    idle_timeout: float = dataclasses.field(
+        default=0.0, metadata={"help": "stop when idle this long (0: never)"}
+    )
+    max_examples: int = dataclasses.field(default=0, metadata={"help": "stop after this many (0: never)"})
+    flush_after: float = dataclasses.field(default=1.0, metadata={"help": "train a partial batch after (s)"})
+    read_chunk: int = 8192
+    poll_interval: float = 0.2
+    keep_versions: int = 3
 
 
 @config_lib.register("ctr", command="train ctr")
@@ -345,6 +365,35 @@ class CTRTrainer:
             lambda b: (self._ids(b), tf.cast(b["label"], tf.float32)), num_parallel_calls=tf.data.AUTOTUNE
         )
 
+    def train_on_batch(self, ids, labels, clock: int, rates, rng=None) -> float:
+        """One step on a batch of ids [B, 39] and labels [B]; `clock` is the table's notion of time (the
+        step). Returns the batch's log loss."""
+        u_rows, u_ids, fresh, counts, inv = self._prepare(ids, tf.constant(clock, tf.int64))
+        if self.gated:
+            B = int(labels.shape[0])
+            u = rng.uniform(1e-6, 1 - 1e-6, size=(B, self.num_fields))
+            member = self._batch((np.arange(B) % self.ensemble).astype(np.int64))
+            noise = self._batch((np.log(u) - np.log1p(-u)).astype(np.float32))
+        else:  # unused by the step: placeholders, not per-example tensors
+            member = self._replicated(np.zeros([1], np.int64))
+            noise = self._replicated(np.zeros([1, 1], np.float32))
+        lr_dense, lr_emb, l2 = rates
+        bce = self._train_step(
+            self._replicated(u_rows),
+            self._replicated(u_ids),
+            self._replicated(fresh),
+            self._replicated(counts),
+            self._batch(inv),
+            self._batch(labels),
+            member,
+            noise,
+            self._replicated(self.field_mask),
+            tf.constant(lr_dense, tf.float32),
+            tf.constant(lr_emb, tf.float32),
+            tf.constant(l2, tf.float32),
+        )
+        return float(mesh_lib.to_numpy(bce))
+
     def fit(
         self,
         steps_per_epoch: int,
@@ -363,40 +412,15 @@ class CTRTrainer:
         step = start_step
         losses = []
         rng = np.random.default_rng(c.seed + 7)
-        field_mask = self._replicated(self.field_mask)
-        no_member = self._replicated(np.zeros([1], np.int64))
-        no_noise = self._replicated(np.zeros([1, 1], np.float32))
         epoch = step // steps_per_epoch
         while step < total:
             ds = self.train_dataset(epoch).skip(step - epoch * steps_per_epoch)
             for ids, labels in ds:
                 if step >= total:
                     break
-                u_rows, u_ids, fresh, counts, inv = self._prepare(ids, tf.constant(step, tf.int64))
-                if self.gated:
-                    B = int(labels.shape[0])
-                    u = rng.uniform(1e-6, 1 - 1e-6, size=(B, self.num_fields))
-                    member = self._batch((np.arange(B) % self.ensemble).astype(np.int64))
-                    noise = self._batch((np.log(u) - np.log1p(-u)).astype(np.float32))
-                else:  # unused by the step: placeholders, not per-example tensors
-                    member, noise = no_member, no_noise
                 lr_dense, lr_emb, l2 = self.rates(step, steps_per_epoch)
-                bce = self._train_step(
-                    self._replicated(u_rows),
-                    self._replicated(u_ids),
-                    self._replicated(fresh),
-                    self._replicated(counts),
-                    self._batch(inv),
-                    self._batch(labels),
-                    member,
-                    noise,
-                    field_mask,
-                    tf.constant(lr_dense, tf.float32),
-                    tf.constant(lr_emb, tf.float32),
-                    tf.constant(l2, tf.float32),
-                )
+                loss = self.train_on_batch(ids, labels, step, (lr_dense, lr_emb, l2), rng)
                 step += 1
-                loss = float(mesh_lib.to_numpy(bce))
                 losses.append(loss)
                 if c.expire_steps and step % c.expire_every == 0:
                     self.table.expire(tf.constant(step, tf.int64))
@@ -454,8 +478,9 @@ class PairedCheckpoint:
     a run killed between the two writes resumes from the pair before.
     """
 
-    def __init__(self, trainer: CTRTrainer, directory: Path, max_to_keep: int = 2):
+    def __init__(self, trainer: CTRTrainer, directory: Path, max_to_keep: int = 2, extra_host=None):
         mesh_items, host_items = trainer.checkpointable()
+        host_items = {**host_items, **(extra_host or {})}  # e.g. the online trainer's Kafka offsets
         self._mesh = tf.train.CheckpointManager(
             tf.train.Checkpoint(**mesh_items), str(directory / "mesh"), max_to_keep
         )
@@ -487,45 +512,62 @@ class PairedCheckpoint:
 
 
 class ServingCTR(tf.Module):
-    """A self-contained serving copy: hashing, a frozen id -> row table, compact embeddings, the model."""
+    """A self-contained serving copy: hashing, a frozen id -> row table, compact embeddings, the model.
 
-    def __init__(self, trainer: CTRTrainer):
+    `keys` [N] ids, `E` [N, D] and `w` [N, 1] their rows; `dense` the model's weights (numpy, in
+    `CTRModel.weights` order); `field_weight` [39]; `logit_shift` is added to the logit (log of the
+    negative keep rate: the log-odds correction for a model trained on sampled negatives)."""
+
+    def __init__(self, model_config, keys, E, w, dense, field_weight, logit_shift: float = 0.0):
         super().__init__(name="serving_ctr")
+        keys = np.asarray(keys, np.int64)
+        compact = np.arange(1, len(keys) + 1, dtype=np.int64)
+        dim = model_config.embedding_dim
+        self.E = tf.Variable(
+            np.concatenate([np.zeros((1, dim), np.float32), np.asarray(E, np.float32).reshape(-1, dim)]),
+            trainable=False,
+            name="E",
+        )
+        self.w = tf.Variable(
+            np.concatenate([np.zeros((1, 1), np.float32), np.asarray(w, np.float32).reshape(-1, 1)]),
+            trainable=False,
+            name="w",
+        )
+        if len(keys):
+            init = tf.lookup.KeyValueTensorInitializer(tf.constant(keys), tf.constant(compact))
+        else:  # a table needs one entry: the null id, which reads the null row anyway
+            init = tf.lookup.KeyValueTensorInitializer(tf.constant([0], tf.int64), tf.constant([0], tf.int64))
+        self.rows = tf.lookup.StaticHashTable(init, default_value=0)
+        self.model = CTRModel(model_config)
+        for dst, src in zip(self.model.weights, dense):
+            dst.assign(src)
+        self.field_weight = tf.constant(np.asarray(field_weight, np.float32))
+        self.logit_shift = tf.constant(float(logit_shift), tf.float32)
+
+    @classmethod
+    def from_trainer(cls, trainer: CTRTrainer, logit_shift: float = 0.0) -> ServingCTR:
         keys, rows = trainer.table.rows.export()
         keys, rows = keys.numpy(), rows.numpy()
         live = rows > 0
         keys, rows = keys[live], rows[live]
-        compact = np.arange(1, len(rows) + 1, dtype=np.int64)
         E = mesh_lib.to_numpy(trainer.sparse.E)
         w = mesh_lib.to_numpy(trainer.sparse.w)
-        self.E = tf.Variable(
-            np.concatenate([np.zeros((1, E.shape[1]), np.float32), E[rows]]), trainable=False, name="E"
-        )
-        self.w = tf.Variable(
-            np.concatenate([np.zeros((1, 1), np.float32), w[rows]]), trainable=False, name="w"
-        )
-        init = tf.lookup.KeyValueTensorInitializer(
-            tf.constant(keys, tf.int64), tf.constant(compact, tf.int64)
-        )
-        self.rows = tf.lookup.StaticHashTable(init, default_value=0)
-        self.model = CTRModel(trainer.model_config)
-        for dst, src in zip(self.model.weights, trainer.model.weights):
-            dst.assign(mesh_lib.to_numpy(src))
         gate = trainer.gate_mean()
         z = trainer.field_mask * (np.ones_like(trainer.field_mask) if gate is None else gate)
-        self.field_weight = tf.constant(z.astype(np.float32))
+        dense = [mesh_lib.to_numpy(v) for v in trainer.model.weights]
+        return cls(trainer.model_config, keys, E[rows], w[rows], dense, z, logit_shift)
 
     def probability(self, fields: dict):
         ids = serving_ids(fields)  # [B, 39]
         rows = self.rows.lookup(ids)
         emb = tf.gather(self.E, rows) * self.field_weight[None, :, None]
         lin = tf.gather(self.w[:, 0], rows) * self.field_weight[None, :]
-        return tf.sigmoid(self.model(emb, lin))
+        return tf.sigmoid(self.model(emb, lin) + self.logit_shift)
 
 
-def export_serving(trainer: CTRTrainer, path: str | Path) -> Path:
-    """Writes a SavedModel whose serving_default takes the 39 raw Criteo fields and returns probability."""
-    module = ServingCTR(trainer)
+def save_serving(module: ServingCTR, path: str | Path) -> Path:
+    """Writes `module` as a SavedModel whose serving_default takes the 39 raw Criteo fields (strings)
+    and returns ``probability``."""
 
     @tf.function
     def serve(**fields):
@@ -535,6 +577,11 @@ def export_serving(trainer: CTRTrainer, path: str | Path) -> Path:
     signature = serve.get_concrete_function(**specs)
     tf.saved_model.save(module, str(path), signatures={"serving_default": signature})
     return Path(path)
+
+
+def export_serving(trainer: CTRTrainer, path: str | Path) -> Path:
+    """Writes a SavedModel whose serving_default takes the 39 raw Criteo fields and returns probability."""
+    return save_serving(ServingCTR.from_trainer(trainer), path)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -620,6 +667,10 @@ def _run(config: CTRTrainConfig, out: Path, mesh, gated: bool, label: str) -> tu
 
 
 def train_and_evaluate(config: CTRTrainConfig) -> dict:
+    if config.online:
+        from headrace.runners.train_ctr_online import train_online
+
+        return train_online(config)
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     config_lib.dump(config, out / "resolved_config.json")

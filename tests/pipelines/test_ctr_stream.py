@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import typing
+
 import apache_beam as beam
 import numpy as np
 import pytest
@@ -30,6 +32,13 @@ def imp(rid: str, t: float) -> TimestampedValue:
 
 def click(rid: str, t: float) -> TimestampedValue:
     return TimestampedValue(Action(rid, int(t * 1000), "click"), t)
+
+
+class Record(typing.NamedTuple):  # the fields of KafkaIO's record row that the join reads
+    topic: str
+    partition: int
+    offset: int
+    value: bytes
 
 
 def _run(events, *, window=10.0, keep=1.0, watermarks=()):
@@ -133,3 +142,34 @@ def test_replay_turns_a_criteo_log_into_time_ordered_events(tmp_path):
     delays = np.array([a.time_ms - by_id[a.request_id].time_ms for a in actions]) / 1000
     assert (delays >= 0).all() and 1.5 < delays.mean() < 2.5  # exponential, mean 2 s
     assert impressions[1].time_ms - impressions[0].time_ms == 10  # 100 requests per second
+
+
+def test_kafka_records_parse_or_land_in_rejected_naming_the_record(fnapi_pipeline):
+    """What `stream ctr-join` does with each Kafka record before the join (records as KafkaIO gives them)."""
+    from headrace.pipelines.ctr_stream import _ParseRecord
+
+    records = [
+        Record("imps", 0, 0, "\t".join(["r1", "7", *FIELDS]).encode()),
+        Record("acts", 0, 0, b"r1\t9\tclick"),
+        Record("imps", 1, 5, b"r2\tnot-a-time\t" + b"\t".join(f.encode() for f in FIELDS)),
+        Record("acts", 0, 1, b"r3\t9"),
+        Record("acts", 0, 2, b"\xff\xfe"),
+    ]
+    with fnapi_pipeline() as p:
+        parsed = (
+            p
+            | beam.Create(records)
+            | beam.ParDo(_ParseRecord("imps")).with_outputs(_ParseRecord.REJECTED, main="events")
+        )
+        assert_that(
+            parsed["events"] | beam.Map(lambda e: (e[0], e[1].request_id)),
+            equal_to([("impression", "r1"), ("action", "r1")]),
+            label="events",
+        )
+        reasons = {"imps[1]@5": "event_time_ms 'not-a-time'", "acts[0]@1": "expected 3", "acts[0]@2": "utf-8"}
+        assert_that(
+            parsed[_ParseRecord.REJECTED]
+            | beam.Map(lambda kv: (kv[0], reasons[kv[0]] in kv[1] and kv[1].startswith(kv[0] + ": "))),
+            equal_to([(where, True) for where in reasons]),
+            label="rejected",
+        )
