@@ -291,6 +291,8 @@ def train_online(config) -> dict:
     last_sync = last_dense = last_ckpt = last_data = now
     oldest_wait = None
     losses = []
+    first_step_at = last_step_at = None  # wall clock of the first and last training step of this run
+    trained_here = 0
 
     def checkpoint():
         manager.save(step)
@@ -342,6 +344,9 @@ def train_online(config) -> dict:
                 from headrace.models.embedding import serving_ids
 
                 loss = trainer.train_on_batch(serving_ids(fields), labels, step, rates)
+                first_step_at = first_step_at or time.monotonic()
+                last_step_at = time.monotonic()
+                trained_here += len(good)
                 step += 1
                 losses.append(loss)
                 summaries.scalars(step, {"loss": loss})
@@ -377,6 +382,11 @@ def train_online(config) -> dict:
         "serving_version": publisher.version,
         "negative_keep_rate": float(keep_rate.numpy()),
         "stopped": "max_examples" if done else "idle",
+        "examples_per_sec": (
+            trained_here / (last_step_at - first_step_at)
+            if last_step_at and last_step_at > first_step_at
+            else 0.0
+        ),  # this run's training steps, serving syncs included
         **trainer.table.counters(),
     }
     write_json(out / "metrics.json", result)
