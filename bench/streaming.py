@@ -66,7 +66,7 @@ def trainer_cmd(bootstrap, topic, work: Path, model: str, sync: float, *extra) -
         "--bootstrap", bootstrap, "--examples", topic, "--serving-dir", str(work / "serving"),
         "--output", str(work / "model"), "--mesh", "", "--model", model, "--capacity", str(1 << 18),
         "--batch-size", "256", "--flush-after", "0.2", "--sync-every", str(sync),
-        "--dense-sync-every", str(2 * sync), "--idle-timeout", "6", "--checkpoint-every-seconds", "30",
+        "--dense-sync-every", str(2 * sync), "--idle-timeout", "20", "--checkpoint-every-seconds", "30",
         *extra,
     ]  # fmt: skip
 
@@ -95,6 +95,8 @@ def run(bootstrap, rows, work: Path, topic: str, rate: float, sync: float, model
     published = np.array([s["unix"] for s in syncs])
     first = np.searchsorted(covered, np.arange(len(sent)), side="right")  # first sync covering offset k
     ok = first < len(syncs)
+    if not ok.any():
+        raise RuntimeError(f"no serving copy covers the stream: syncs {syncs[-3:]}, sent {len(sent)}")
     latency = published[first[ok]] - sent[ok]
     metrics = json.loads((work / "model" / "metrics.json").read_text())
     return {
@@ -120,7 +122,7 @@ def serving_auc(serving: Path, held_out) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lines", type=int, default=40000)
-    parser.add_argument("--rate", type=float, default=2000.0)
+    parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--syncs", default="1,5")
     parser.add_argument("--model", default="fm")
     args = parser.parse_args()
