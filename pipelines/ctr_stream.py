@@ -190,8 +190,10 @@ class _JoinLogic:
                 return
             impression_state.write(event)
             end = event.time_ms + self._window_ms
-            window_end.set(Timestamp(micros=self._fire_ms(end) * 1000))
-            cleanup.set(Timestamp(micros=self._fire_ms(end + self._grace_ms) * 1000))
+            # The clean-up strictly after the window's end, also when both are due at once (a backlog).
+            close_at = self._fire_ms(end)
+            window_end.set(Timestamp(micros=close_at * 1000))
+            cleanup.set(Timestamp(micros=max(self._fire_ms(end + self._grace_ms), close_at + 1) * 1000))
             early = early_state.read()
             if early is not None:  # the click was read before its impression (another partition)
                 early_state.clear()
