@@ -74,21 +74,18 @@ def trainer_cmd(bootstrap, topic, work: Path, model: str, sync: float, *extra) -
 def run(bootstrap, rows, work: Path, topic: str, rate: float, sync: float, model: str) -> dict:
     work.mkdir(parents=True)
     (work / "examples.txt").write_text(examples(rows))
-    trainer = subprocess.Popen(
-        trainer_cmd(bootstrap, topic, work, model, sync),
-        stdout=subprocess.DEVNULL,
-        stderr=open(work / "trainer.log", "w"),  # noqa: SIM115
-    )
-    time.sleep(8)  # the trainer starts (TensorFlow import, topic discovery) before the stream does
-    producer = subprocess.run(
-        [sys.executable, "-c", _PRODUCE, bootstrap, topic, str(work / "examples.txt"), str(rate), str(work / "sent.json")],
-        capture_output=True,
-        text=True,
-        check=True,
-    )  # fmt: skip
-    del producer
-    if trainer.wait(timeout=1800) != 0:
-        raise RuntimeError((work / "trainer.log").read_text()[-3000:])
+    with open(work / "trainer.log", "w") as log:
+        trainer = subprocess.Popen(
+            trainer_cmd(bootstrap, topic, work, model, sync), stdout=subprocess.DEVNULL, stderr=log
+        )
+        time.sleep(8)  # the trainer starts (TensorFlow import, topic discovery) before the stream does
+        subprocess.run(
+            [sys.executable, "-c", _PRODUCE, bootstrap, topic, str(work / "examples.txt"), str(rate), str(work / "sent.json")],
+            capture_output=True,
+            check=True,
+        )  # fmt: skip
+        if trainer.wait(timeout=1800) != 0:
+            raise RuntimeError((work / "trainer.log").read_text()[-3000:])
     sent = np.array(json.loads((work / "sent.json").read_text()))
     syncs = [json.loads(line) for line in (work / "model" / "syncs.jsonl").read_text().splitlines()]
     covered = np.array([s["offsets"][0] for s in syncs])

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import time
 
 import apache_beam as beam
 from apache_beam.coders import BooleanCoder, PickleCoder
@@ -168,8 +169,11 @@ class _JoinLogic:
         self._late = metrics.counter("join", "late_actions")
         self._duplicates = metrics.counter("join", "duplicates")
 
+    ON_CLOCK = False  # timers in processing time (wall clock) rather than event time
+
     def _fire_ms(self, event_end_ms: int) -> int:
-        return event_end_ms
+        """When a timer for event time `event_end_ms` fires: then, or now if that is past on the clock."""
+        return max(event_end_ms, int(time.time() * 1000)) if self.ON_CLOCK else event_end_ms
 
     def _late_line(self, action: Action):
         self._late.inc()
@@ -253,91 +257,65 @@ _CLOSED = ReadModifyWriteStateSpec("closed", BooleanCoder())  # the join window 
 _EARLY = ReadModifyWriteStateSpec("early", PickleCoder())  # a click that came before its impression
 
 
-class _Join(_JoinLogic, beam.DoFn):
+def _join_dofn(name: str, domain: str, doc: str) -> type:
+    """The join DoFn with its timers in `domain`: the same state, logic and callbacks either way."""
+    window_end_spec = TimerSpec("window_end", domain)
+    cleanup_spec = TimerSpec("cleanup", domain)
+
+    class JoinDoFn(_JoinLogic, beam.DoFn):
+        ON_CLOCK = domain == TimeDomain.REAL_TIME
+        WINDOW_END, CLEANUP = window_end_spec, cleanup_spec
+
+        def process(
+            self,
+            element,
+            impression_state=beam.DoFn.StateParam(_IMPRESSION),
+            done_state=beam.DoFn.StateParam(_DONE),
+            closed_state=beam.DoFn.StateParam(_CLOSED),
+            early_state=beam.DoFn.StateParam(_EARLY),
+            window_end=beam.DoFn.TimerParam(window_end_spec),
+            cleanup=beam.DoFn.TimerParam(cleanup_spec),
+        ):
+            yield from self._event(
+                element, impression_state, done_state, closed_state, early_state, window_end, cleanup
+            )
+
+        @on_timer(window_end_spec)
+        def _window_end(
+            self,
+            impression_state=beam.DoFn.StateParam(_IMPRESSION),
+            done_state=beam.DoFn.StateParam(_DONE),
+            closed_state=beam.DoFn.StateParam(_CLOSED),
+        ):
+            yield from self._window_closed(impression_state, done_state, closed_state)
+
+        @on_timer(cleanup_spec)
+        def _cleanup(
+            self,
+            impression_state=beam.DoFn.StateParam(_IMPRESSION),
+            done_state=beam.DoFn.StateParam(_DONE),
+            closed_state=beam.DoFn.StateParam(_CLOSED),
+            early_state=beam.DoFn.StateParam(_EARLY),
+        ):
+            yield from self._expire(early_state, impression_state, done_state, closed_state)
+
+    JoinDoFn.__name__ = JoinDoFn.__qualname__ = name  # pickled by reference to the module attribute
+    JoinDoFn.__doc__ = doc
+    return JoinDoFn
+
+
+_Join = _join_dofn(
+    "_Join",
+    TimeDomain.WATERMARK,
     """Event time: windows end when the watermark passes them. Keyed by request id; elements are
-    ``("impression", Impression)`` or ``("action", Action)``."""
-
-    WINDOW_END = TimerSpec("window_end", TimeDomain.WATERMARK)
-    CLEANUP = TimerSpec("cleanup", TimeDomain.WATERMARK)
-
-    def process(
-        self,
-        element,
-        impression_state=beam.DoFn.StateParam(_IMPRESSION),
-        done_state=beam.DoFn.StateParam(_DONE),
-        closed_state=beam.DoFn.StateParam(_CLOSED),
-        early_state=beam.DoFn.StateParam(_EARLY),
-        window_end=beam.DoFn.TimerParam(WINDOW_END),
-        cleanup=beam.DoFn.TimerParam(CLEANUP),
-    ):
-        yield from self._event(
-            element, impression_state, done_state, closed_state, early_state, window_end, cleanup
-        )
-
-    @on_timer(WINDOW_END)
-    def _window_end(
-        self,
-        impression_state=beam.DoFn.StateParam(_IMPRESSION),
-        done_state=beam.DoFn.StateParam(_DONE),
-        closed_state=beam.DoFn.StateParam(_CLOSED),
-    ):
-        yield from self._window_closed(impression_state, done_state, closed_state)
-
-    @on_timer(CLEANUP)
-    def _cleanup(
-        self,
-        impression_state=beam.DoFn.StateParam(_IMPRESSION),
-        done_state=beam.DoFn.StateParam(_DONE),
-        closed_state=beam.DoFn.StateParam(_CLOSED),
-        early_state=beam.DoFn.StateParam(_EARLY),
-    ):
-        yield from self._expire(early_state, impression_state, done_state, closed_state)
-
-
-class _ProcessingTimeJoin(_JoinLogic, beam.DoFn):
+    ``("impression", Impression)`` or ``("action", Action)``.""",
+)
+_ProcessingTimeJoin = _join_dofn(
+    "_ProcessingTimeJoin",
+    TimeDomain.REAL_TIME,
     """Processing time: a window ends when the clock reaches the impression's event time plus the window
-    (at once if that has passed). Equal to event time when producers stamp events as they send them."""
-
-    WINDOW_END = TimerSpec("window_end", TimeDomain.REAL_TIME)
-    CLEANUP = TimerSpec("cleanup", TimeDomain.REAL_TIME)
-
-    def _fire_ms(self, event_end_ms: int) -> int:
-        import time
-
-        return max(event_end_ms, int(time.time() * 1000))
-
-    def process(
-        self,
-        element,
-        impression_state=beam.DoFn.StateParam(_IMPRESSION),
-        done_state=beam.DoFn.StateParam(_DONE),
-        closed_state=beam.DoFn.StateParam(_CLOSED),
-        early_state=beam.DoFn.StateParam(_EARLY),
-        window_end=beam.DoFn.TimerParam(WINDOW_END),
-        cleanup=beam.DoFn.TimerParam(CLEANUP),
-    ):
-        yield from self._event(
-            element, impression_state, done_state, closed_state, early_state, window_end, cleanup
-        )
-
-    @on_timer(WINDOW_END)
-    def _window_end(
-        self,
-        impression_state=beam.DoFn.StateParam(_IMPRESSION),
-        done_state=beam.DoFn.StateParam(_DONE),
-        closed_state=beam.DoFn.StateParam(_CLOSED),
-    ):
-        yield from self._window_closed(impression_state, done_state, closed_state)
-
-    @on_timer(CLEANUP)
-    def _cleanup(
-        self,
-        impression_state=beam.DoFn.StateParam(_IMPRESSION),
-        done_state=beam.DoFn.StateParam(_DONE),
-        closed_state=beam.DoFn.StateParam(_CLOSED),
-        early_state=beam.DoFn.StateParam(_EARLY),
-    ):
-        yield from self._expire(early_state, impression_state, done_state, closed_state)
+    (at once if that has passed). Equal to event time when producers stamp events as they send them.""",
+)
 
 
 _KEYED = beam.typehints.KV[str, beam.typehints.Any]  # request ids as UTF-8: a deterministic key coder

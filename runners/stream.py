@@ -18,6 +18,7 @@ import itertools
 import logging
 import signal
 import time
+from pathlib import Path
 
 from headrace.pipelines.ctr_stream import CtrJoinConfig, ReplayConfig, build_ctr_join, replay_events
 from headrace.runners.errors import InputError
@@ -59,8 +60,6 @@ class KafkaProducer:
 
 def replay(config: ReplayConfig) -> dict:
     """Sends the log's events in real time; returns counts. Blocks until the last click is sent."""
-    from pathlib import Path
-
     path = Path(config.input)
     if not config.input or not path.is_file():
         raise InputError(f"--input {config.input!r}: no such file (a Criteo-format TSV log)")

@@ -52,7 +52,7 @@ from headrace.runners import mesh as mesh_lib
 from headrace.runners.errors import ConfigError, InputError
 from headrace.runners.training import Adam, Progress, Summaries, plot_curves, write_json
 
-__all__ = ["CTRTrainConfig", "CTRTrainer", "export_serving", "train_and_evaluate"]
+__all__ = ["CTRTrainConfig", "CTRTrainer", "export_serving", "resolve_mesh", "train_and_evaluate"]
 
 _log = logging.getLogger("headrace.train")
 FIELDS = [*INT_FIELDS, *CAT_FIELDS]
@@ -666,6 +666,16 @@ def _run(config: CTRTrainConfig, out: Path, mesh, gated: bool, label: str) -> tu
     return trainer, result, losses
 
 
+def resolve_mesh(config: CTRTrainConfig):
+    """The DTensor mesh for `config.mesh`, or None for no mesh or a one-device one (plain TensorFlow on
+    that device, which can update the embedding rows in place)."""
+    mesh = mesh_lib.create_mesh(config.mesh) if config.mesh else None
+    if mesh is not None and mesh.num_local_devices() == 1:
+        _log.info("mesh %s has one device: training without DTensor", config.mesh)
+        mesh = None
+    return mesh
+
+
 def train_and_evaluate(config: CTRTrainConfig) -> dict:
     if config.online:
         from headrace.runners.train_ctr_online import train_online
@@ -674,11 +684,7 @@ def train_and_evaluate(config: CTRTrainConfig) -> dict:
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
     config_lib.dump(config, out / "resolved_config.json")
-    mesh = mesh_lib.create_mesh(config.mesh) if config.mesh else None
-    if mesh is not None and mesh.num_local_devices() == 1:
-        # One device: plain TensorFlow on it, which can update the embedding rows in place.
-        _log.info("mesh %s has one device: training without DTensor", config.mesh)
-        mesh = None
+    mesh = resolve_mesh(config)
     _validate(config, mesh)
     curves = {}
     selection = None

@@ -38,8 +38,19 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from headrace.models.embedding import serving_ids
+from headrace.runners import config as config_lib
 from headrace.runners import mesh as mesh_lib
+from headrace.runners import stack
 from headrace.runners.errors import ConfigError, HeadraceError
+from headrace.runners.train_ctr import (
+    FIELDS,
+    CTRTrainer,
+    PairedCheckpoint,
+    ServingCTR,
+    resolve_mesh,
+    save_serving,
+)
 from headrace.runners.training import Progress, Summaries, write_json
 
 __all__ = ["PartitionReader", "ServingCopy", "ServingPublisher", "parse_examples", "train_online"]
@@ -89,8 +100,6 @@ class PartitionReader:
 
 def parse_examples(lines: list[bytes]):
     """Example lines -> (fields dict of 39 [B] strings, labels [B] float32, weights [B] float32)."""
-    from headrace.runners.train_ctr import FIELDS
-
     parts = tf.strings.split(tf.constant(lines), "\t").to_tensor(default_value="", shape=[len(lines), 41])
     labels = tf.strings.to_number(parts[:, 0], tf.float32)
     weights = tf.strings.to_number(parts[:, 1], tf.float32)
@@ -168,8 +177,6 @@ class ServingPublisher:
 
     def publish(self, info: dict, logit_shift: float) -> int:
         """Writes the copy as the next version and makes it current; returns the version."""
-        from headrace.runners.train_ctr import ServingCTR, save_serving
-
         trainer = self.trainer
         keys = np.fromiter(self._slot.keys(), np.int64, len(self._slot))
         slots = np.fromiter(self._slot.values(), np.int64, len(self._slot))
@@ -243,18 +250,11 @@ def _validate(config) -> None:
 def train_online(config) -> dict:
     """Trains from the topic until `max_examples` are trained or the topic is idle for `idle_timeout`
     seconds (0: forever); returns the run's counters (also in OUTPUT/metrics.json)."""
-    from headrace.runners import stack
-    from headrace.runners.train_ctr import CTRTrainer, PairedCheckpoint
-
     _validate(config)
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
-    from headrace.runners import config as config_lib
-
     config_lib.dump(config, out / "resolved_config.json")
-    mesh = mesh_lib.create_mesh(config.mesh) if config.mesh else None
-    if mesh is not None and mesh.num_local_devices() == 1:
-        mesh = None
+    mesh = resolve_mesh(config)
     if mesh is not None and "batch" in mesh.dim_names:
         raise ConfigError("--online trains batches of any size as they come: use a mesh without `batch`")
     stack.create_topics(config.bootstrap, [config.examples])
@@ -341,8 +341,6 @@ def train_online(config) -> dict:
                 negative = weights.numpy()[labels.numpy() == 0]
                 if len(negative):
                     keep_rate.assign(float(1.0 / negative[-1]))
-                from headrace.models.embedding import serving_ids
-
                 loss = trainer.train_on_batch(serving_ids(fields), labels, step, rates)
                 first_step_at = first_step_at or time.monotonic()
                 last_step_at = time.monotonic()
@@ -352,8 +350,10 @@ def train_online(config) -> dict:
                 summaries.scalars(step, {"loss": loss})
                 progress.update(step, {"loss": loss, "trained": float(trained.numpy() + len(good))})
             trained.assign_add(len(good))
-            for i, offset, _ in batch:  # everything up to here is consumed: trained or rejected
-                offsets[i].assign(offset + 1)
+            consumed = offsets.numpy()  # everything up to here is consumed: trained or rejected
+            for i, offset, _ in batch:
+                consumed[i] = offset + 1
+            offsets.assign(consumed)
             if config.expire_steps and step % config.expire_every == 0:
                 trainer.table.expire(tf.constant(step, tf.int64))
             oldest_wait = now if buffer else None

@@ -79,6 +79,13 @@ def _trainer(bootstrap: str, topic: str, work: Path, *extra: str) -> list[str]:
     ]
 
 
+def _run(cmd: list[str]) -> str:
+    """Runs a trainer to its end (it stops when idle); its log."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr
+
+
 def _fields(rows):
     from headrace.runners.train_ctr import FIELDS
 
@@ -93,28 +100,14 @@ def test_online_trainer_syncs_serving_copies_and_reconciles(kafka_broker, tmp_pa
 
     # The early part of the stream only: what a model trained once, on the first data, would know.
     _produce(kafka_broker, "online-examples", early, tmp_path / "early.txt")
-    first = subprocess.run(
-        _trainer(kafka_broker, "online-examples", tmp_path, *common),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert first.returncode == 0, first.stderr[-3000:]
+    _run(_trainer(kafka_broker, "online-examples", tmp_path, *common))
     copy = ServingCopy(tmp_path / "serving")
     assert copy.refresh()
     version_early, auc_early = copy.version, metrics_lib.auc(y, copy.probability(_fields(held_out)))
 
     # The rest of the stream arrives; the trainer (restarted from its checkpoint) keeps learning.
     n = len(early) + _produce(kafka_broker, "online-examples", late, tmp_path / "late.txt")
-    second = subprocess.run(
-        _trainer(kafka_broker, "online-examples", tmp_path, *common),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert second.returncode == 0, second.stderr[-3000:]
+    _run(_trainer(kafka_broker, "online-examples", tmp_path, *common))
     result = json.loads((tmp_path / "model" / "metrics.json").read_text())
     assert result["examples_trained"] == n and result["offsets"] == {"0": n}  # the topic, exactly
     assert stack.end_offsets(kafka_broker, ["online-examples"]) == {("online-examples", 0): n}
@@ -174,11 +167,8 @@ def test_sigkill_mid_stream_resumes_without_loss_or_duplication(kafka_broker, tm
     trained_at_kill, offsets_at_kill = _checkpointed(tmp_path / "model")
     assert 0 < trained_at_kill < n and offsets_at_kill == [trained_at_kill]
 
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert (
-        f"{trained_at_kill} examples trained, offsets [{trained_at_kill}]" in second.stderr
-    )  # resumed there
+    log = _run(cmd)
+    assert f"{trained_at_kill} examples trained, offsets [{trained_at_kill}]" in log  # resumed there
     result = json.loads((tmp_path / "model" / "metrics.json").read_text())
     # Every example of the topic trained exactly once across the two runs, counted from the checkpoint.
     assert result["examples_trained"] == n and result["offsets"] == {"0": n}
