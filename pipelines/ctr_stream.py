@@ -9,7 +9,8 @@ Join, per request id, with state and event-time timers (`JoinImpressionsAndActio
 
 * an impression opens a window of `join_window` seconds from its event time;
 * a click inside the window makes a positive example at once (weight 1);
-* when the watermark passes the window's end without a click, the impression becomes a negative, kept
+* when the watermark passes the window's end (plus an allowed lateness, for clicks still in flight) without
+  a click, the impression becomes a negative, kept
   with probability `negative_keep_rate` (decided by a hash of the request id, so replays agree) and
   carrying weight ``1 / negative_keep_rate``: a model trained on the sample predicts the odds of the
   sample, and `correct_probability` (or training with the weights) gives back the true click rate;
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import time
 
 import apache_beam as beam
 from apache_beam.coders import BooleanCoder, PickleCoder
@@ -153,14 +153,28 @@ def example_line(impression: Impression, label: int, weight: float) -> str:
     return "\t".join([str(label), f"{weight:.6g}", *impression.fields])
 
 
-class _JoinLogic:
-    """The join's per-request logic, shared by the event-time and processing-time DoFns below."""
+_IMPRESSION = ReadModifyWriteStateSpec("impression", PickleCoder())
+_DONE = ReadModifyWriteStateSpec("done", BooleanCoder())  # example emitted (positive, or negative decided)
+_CLOSED = ReadModifyWriteStateSpec("closed", BooleanCoder())  # the join window has ended
+_EARLY = ReadModifyWriteStateSpec("early", PickleCoder())  # a click that came before its impression
+
+
+class _Join(beam.DoFn):
+    """Keyed by request id; elements are ``("impression", Impression)`` or ``("action", Action)``.
+
+    One event-time timer per request, so that what happens when never depends on the order in which a
+    runner delivers two timers due in the same bundle (Flink's portable runner hands the SDK one timer
+    family after the other: a clean-up timer due with the window's end ran first and the window then
+    closed on nothing). The timer fires first when the watermark passes the window's end plus the allowed
+    lateness (the window closes: a negative unless clicked), then `grace` later (the state is cleared)."""
 
     LATE = "late"
+    DEADLINE = TimerSpec("deadline", TimeDomain.WATERMARK)
 
-    def __init__(self, join_window_s: float, negative_keep_rate: float, grace_s: float):
+    def __init__(self, join_window_s: float, negative_keep_rate: float, grace_s: float, lateness_s: float):
         self._window_ms = int(join_window_s * 1000)
         self._grace_ms = int(grace_s * 1000)
+        self._lateness_ms = int(lateness_s * 1000)
         self._keep = negative_keep_rate
         metrics = beam.metrics.Metrics
         self._positives = metrics.counter("join", "positives")
@@ -169,11 +183,9 @@ class _JoinLogic:
         self._late = metrics.counter("join", "late_actions")
         self._duplicates = metrics.counter("join", "duplicates")
 
-    ON_CLOCK = False  # timers in processing time (wall clock) rather than event time
-
-    def _fire_ms(self, event_end_ms: int) -> int:
-        """When a timer for event time `event_end_ms` fires: then, or now if that is past on the clock."""
-        return max(event_end_ms, int(time.time() * 1000)) if self.ON_CLOCK else event_end_ms
+    @staticmethod
+    def _at(ms: int) -> Timestamp:
+        return Timestamp(micros=ms * 1000)
 
     def _late_line(self, action: Action):
         self._late.inc()
@@ -186,7 +198,15 @@ class _JoinLogic:
         self._positives.inc()
         return impression.request_id, example_line(impression, 1, 1.0)
 
-    def _event(self, element, impression_state, done_state, closed_state, early_state, window_end, cleanup):
+    def process(
+        self,
+        element,
+        impression_state=beam.DoFn.StateParam(_IMPRESSION),
+        done_state=beam.DoFn.StateParam(_DONE),
+        closed_state=beam.DoFn.StateParam(_CLOSED),
+        early_state=beam.DoFn.StateParam(_EARLY),
+        deadline=beam.DoFn.TimerParam(DEADLINE),
+    ):
         _, (kind, event) = element
         if kind == "impression":
             if impression_state.read() is not None:
@@ -194,10 +214,7 @@ class _JoinLogic:
                 return
             impression_state.write(event)
             end = event.time_ms + self._window_ms
-            # The clean-up strictly after the window's end, also when both are due at once (a backlog).
-            close_at = self._fire_ms(end)
-            window_end.set(Timestamp(micros=close_at * 1000))
-            cleanup.set(Timestamp(micros=max(self._fire_ms(end + self._grace_ms), close_at + 1) * 1000))
+            deadline.set(self._at(end + self._lateness_ms))
             early = early_state.read()
             if early is not None:  # the click was read before its impression (another partition)
                 early_state.clear()
@@ -211,15 +228,13 @@ class _JoinLogic:
             return
         impression = impression_state.read()
         if impression is None:
-            if closed_state.read():  # the impression's state was cleared: long after its window
+            if closed_state.read():  # the impression's window is over (its state kept for `grace`)
                 yield self._late_line(event)
             elif early_state.read() is not None:
                 self._duplicates.inc()
             else:  # hold it until its impression arrives, or until a window past the click
                 early_state.write(event)
-                cleanup.set(
-                    Timestamp(micros=self._fire_ms(event.time_ms + self._window_ms + self._grace_ms) * 1000)
-                )
+                deadline.set(self._at(event.time_ms + self._window_ms + self._lateness_ms + self._grace_ms))
             return
         if closed_state.read() or event.time_ms > impression.time_ms + self._window_ms:
             yield self._late_line(event)
@@ -229,93 +244,36 @@ class _JoinLogic:
             return
         yield self._positive(impression, done_state)
 
-    def _window_closed(self, impression_state, done_state, closed_state):
-        closed_state.write(True)
+    @on_timer(DEADLINE)
+    def _deadline(
+        self,
+        impression_state=beam.DoFn.StateParam(_IMPRESSION),
+        done_state=beam.DoFn.StateParam(_DONE),
+        closed_state=beam.DoFn.StateParam(_CLOSED),
+        early_state=beam.DoFn.StateParam(_EARLY),
+        deadline=beam.DoFn.TimerParam(DEADLINE),
+    ):
         impression = impression_state.read()
-        if impression is None or done_state.read():
+        if impression is not None and not closed_state.read():
+            # The window is over: a negative unless clicked; the state stays `grace` longer so that a
+            # late click is recognised as late.
+            closed_state.write(True)
+            deadline.set(self._at(impression.time_ms + self._window_ms + self._lateness_ms + self._grace_ms))
+            if done_state.read():
+                return
+            done_state.write(True)
+            if keep_negative(impression.request_id, self._keep):
+                self._negatives.inc()
+                yield impression.request_id, example_line(impression, 0, 1.0 / self._keep)
+            else:
+                self._dropped.inc()
             return
-        done_state.write(True)
-        if keep_negative(impression.request_id, self._keep):
-            self._negatives.inc()
-            yield impression.request_id, example_line(impression, 0, 1.0 / self._keep)
-        else:
-            self._dropped.inc()
-
-    def _expire(self, early_state, *states):
-        """End of a request's state; a click still waiting for its impression is late."""
+        # The end of the request's state; a click still waiting for its impression is late.
         early = early_state.read()
         if early is not None:
             yield self._late_line(early)
-        early_state.clear()
-        for state in states:
+        for state in (impression_state, done_state, closed_state, early_state):
             state.clear()
-
-
-_IMPRESSION = ReadModifyWriteStateSpec("impression", PickleCoder())
-_DONE = ReadModifyWriteStateSpec("done", BooleanCoder())  # example emitted (positive, or negative decided)
-_CLOSED = ReadModifyWriteStateSpec("closed", BooleanCoder())  # the join window has ended
-_EARLY = ReadModifyWriteStateSpec("early", PickleCoder())  # a click that came before its impression
-
-
-def _join_dofn(name: str, domain: str, doc: str) -> type:
-    """The join DoFn with its timers in `domain`: the same state, logic and callbacks either way."""
-    window_end_spec = TimerSpec("window_end", domain)
-    cleanup_spec = TimerSpec("cleanup", domain)
-
-    class JoinDoFn(_JoinLogic, beam.DoFn):
-        ON_CLOCK = domain == TimeDomain.REAL_TIME
-        WINDOW_END, CLEANUP = window_end_spec, cleanup_spec
-
-        def process(
-            self,
-            element,
-            impression_state=beam.DoFn.StateParam(_IMPRESSION),
-            done_state=beam.DoFn.StateParam(_DONE),
-            closed_state=beam.DoFn.StateParam(_CLOSED),
-            early_state=beam.DoFn.StateParam(_EARLY),
-            window_end=beam.DoFn.TimerParam(window_end_spec),
-            cleanup=beam.DoFn.TimerParam(cleanup_spec),
-        ):
-            yield from self._event(
-                element, impression_state, done_state, closed_state, early_state, window_end, cleanup
-            )
-
-        @on_timer(window_end_spec)
-        def _window_end(
-            self,
-            impression_state=beam.DoFn.StateParam(_IMPRESSION),
-            done_state=beam.DoFn.StateParam(_DONE),
-            closed_state=beam.DoFn.StateParam(_CLOSED),
-        ):
-            yield from self._window_closed(impression_state, done_state, closed_state)
-
-        @on_timer(cleanup_spec)
-        def _cleanup(
-            self,
-            impression_state=beam.DoFn.StateParam(_IMPRESSION),
-            done_state=beam.DoFn.StateParam(_DONE),
-            closed_state=beam.DoFn.StateParam(_CLOSED),
-            early_state=beam.DoFn.StateParam(_EARLY),
-        ):
-            yield from self._expire(early_state, impression_state, done_state, closed_state)
-
-    JoinDoFn.__name__ = JoinDoFn.__qualname__ = name  # pickled by reference to the module attribute
-    JoinDoFn.__doc__ = doc
-    return JoinDoFn
-
-
-_Join = _join_dofn(
-    "_Join",
-    TimeDomain.WATERMARK,
-    """Event time: windows end when the watermark passes them. Keyed by request id; elements are
-    ``("impression", Impression)`` or ``("action", Action)``.""",
-)
-_ProcessingTimeJoin = _join_dofn(
-    "_ProcessingTimeJoin",
-    TimeDomain.REAL_TIME,
-    """Processing time: a window ends when the clock reaches the impression's event time plus the window
-    (at once if that has passed). Equal to event time when producers stamp events as they send them.""",
-)
 
 
 _KEYED = beam.typehints.KV[str, beam.typehints.Any]  # request ids as UTF-8: a deterministic key coder
@@ -328,17 +286,17 @@ def JoinImpressionsAndActions(
     join_window_s: float = 60.0,
     negative_keep_rate: float = 1.0,
     grace_s: float | None = None,
-    time_domain: str = "event",
+    allowed_lateness_s: float = 0.0,
 ):
     """``(impressions, actions)`` PCollections of `Impression` / `Action` (timestamped with their event
     time) -> ``{"examples": (request_id, example line), "late": (request_id, action line)}``.
 
-    `time_domain` "event" ends windows by the watermark; "processing" by the clock at the impression's
-    event time plus the window (what `build_ctr_join` uses on Flink, see there)."""
-    if time_domain not in ("event", "processing"):
-        raise ValueError(f"time_domain {time_domain!r}: 'event' or 'processing'")
+    A window closes when the watermark passes its end plus `allowed_lateness_s`: a click inside the window
+    by event time that reaches the join behind the watermark by less than that still joins."""
     if not 0 < negative_keep_rate <= 1:
         raise ValueError(f"negative_keep_rate {negative_keep_rate}: must be in (0, 1]")
+    if allowed_lateness_s < 0:
+        raise ValueError(f"allowed_lateness_s {allowed_lateness_s}: must be >= 0")
     impressions, actions = pcolls
     grace = join_window_s if grace_s is None else grace_s
     keyed = (
@@ -346,9 +304,7 @@ def JoinImpressionsAndActions(
         | "KeyImpressions" >> beam.Map(lambda i: (i.request_id, ("impression", i))).with_output_types(_KEYED),
         actions | "KeyActions" >> beam.Map(lambda a: (a.request_id, ("action", a))).with_output_types(_KEYED),
     ) | "Events" >> beam.Flatten()
-    dofn = (_Join if time_domain == "event" else _ProcessingTimeJoin)(
-        join_window_s, negative_keep_rate, grace
-    )
+    dofn = _Join(join_window_s, negative_keep_rate, grace, allowed_lateness_s)
     joined = keyed | "Join" >> beam.ParDo(dofn).with_outputs(_Join.LATE, main="examples")
     return {"examples": joined["examples"], "late": joined[_Join.LATE]}
 
@@ -375,8 +331,8 @@ class CtrJoinConfig:
     bundle_size: int = dataclasses.field(
         default=1, metadata={"help": "Flink's --max_bundle_size for the job"}
     )
-    time_domain: str = dataclasses.field(
-        default="processing", metadata={"help": "what ends a window: processing (clock) or event (watermark)"}
+    allowed_lateness: float = dataclasses.field(
+        default=2.0, metadata={"help": "seconds a window waits past the watermark for clicks in flight"}
     )
     start: str = dataclasses.field(
         default="earliest", metadata={"help": "where a new group starts: earliest|latest"}
@@ -444,6 +400,8 @@ def build_ctr_join(pipeline: beam.Pipeline, config: CtrJoinConfig, expansion_ser
     One cross-language ReadFromKafka over both topics, with the records' CreateTime as event time (the
     producer stamps it at send time): the watermark follows the producers, and on an idle partition it
     advances with the clock, so windows close when traffic pauses. The join is `JoinImpressionsAndActions`.
+    The expansion service must expand the read as an UnboundedSource (``use_deprecated_read``, what
+    `headrace stream ctr-join` does): on the portable Flink runner the SDF read's watermark never moved.
     """
     from apache_beam.io.kafka import ReadFromKafka, WriteToKafka
 
@@ -468,7 +426,7 @@ def build_ctr_join(pipeline: beam.Pipeline, config: CtrJoinConfig, expansion_ser
         join_window_s=config.join_window,
         negative_keep_rate=config.negative_keep_rate,
         grace_s=None if config.grace < 0 else config.grace,
-        time_domain=config.time_domain,
+        allowed_lateness_s=config.allowed_lateness,
     )
     producer = {"bootstrap.servers": config.bootstrap}
     for name, pcoll, topic in (

@@ -262,7 +262,7 @@ def end_offsets(bootstrap: str, topics) -> dict[tuple[str, int], int]:
 
 
 @contextlib.contextmanager
-def expansion_service(timeout: float = 60.0) -> Iterator[str]:
+def expansion_service(timeout: float = 60.0, experiments=()) -> Iterator[str]:
     """Runs the KafkaIO expansion service (from the Flink job-server jar) for the block's duration and
     yields its ``localhost:PORT``. Transforms it expands run EMBEDDED in the Flink job server."""
     jar = jars.jar_path("flink-job-server")
@@ -278,6 +278,7 @@ def expansion_service(timeout: float = 60.0) -> Iterator[str]:
                 "org.apache.beam.sdk.expansion.service.ExpansionService",
                 str(port),
                 "--defaultEnvironmentType=EMBEDDED",
+                *(f"--experiments={e}" for e in experiments),
             ],
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -119,7 +119,7 @@ def ctr_join(config: CtrJoinConfig, runner: str | None, beam_args) -> int:
         _log.info("ctr-join: created topics %s (%d partitions each)", created, config.partitions)
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        with stack.expansion_service() as address:
+        with stack.expansion_service(experiments=["use_deprecated_read"]) as address:
             pipeline = create_pipeline(runner, beam_args, streaming=True, job_name="headrace-ctr-join")
             build_ctr_join(pipeline, config, address)
             result = pipeline.run()

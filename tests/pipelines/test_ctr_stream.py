@@ -41,7 +41,7 @@ class Record(typing.NamedTuple):  # the fields of KafkaIO's record row that the 
     value: bytes
 
 
-def _run(events, *, window=10.0, keep=1.0, watermarks=()):
+def _run(events, *, window=10.0, keep=1.0, lateness=0.0):
     stream = TestStream()
     for step in events:
         if isinstance(step, int | float):
@@ -52,7 +52,9 @@ def _run(events, *, window=10.0, keep=1.0, watermarks=()):
     p = create_pipeline("BundleBasedDirectRunner", [], streaming=True)
     events_pc = p | stream
     parts = events_pc | beam.Partition(lambda e, n: 0 if isinstance(e, Impression) else 1, 2)
-    joined = (parts[0], parts[1]) | JoinImpressionsAndActions(join_window_s=window, negative_keep_rate=keep)
+    joined = (parts[0], parts[1]) | JoinImpressionsAndActions(
+        join_window_s=window, negative_keep_rate=keep, allowed_lateness_s=lateness
+    )
     return p, joined
 
 
@@ -83,6 +85,29 @@ def test_join_window_positives_negatives_late_and_duplicates():
     )
     # Exactly six examples: the duplicated impression (f) and the second click (e) add none. (The
     # BundleBasedDirectRunner reports no metrics in streaming mode; the join's counters show on Flink.)
+    p.run().wait_until_finish()
+
+
+@pytest.mark.parametrize("lateness, expected", [(0.0, ([], ["a"])), (3.0, (["1a"], []))])
+def test_allowed_lateness_keeps_a_window_open_past_the_watermark(lateness, expected):
+    # a's window ends at 10; its click (at 9, inside the window) reaches the join when the watermark is
+    # already at 11: late without allowed lateness, a positive with 3 s of it.
+    events = [[imp("a", 0)], 11, [click("a", 9)], [imp("b", 20)], 1000]
+    p, joined = _run(events, lateness=lateness)
+    positives, late = expected
+    assert_that(
+        joined["examples"] | "Positives" >> beam.FlatMap(lambda kv: ["1" + kv[0]] if kv[1][0] == "1" else []),
+        equal_to(positives),
+        label="positives",
+    )
+    assert_that(joined["late"] | beam.Map(lambda kv: kv[0]), equal_to(late), label="late")
+    # b's window end and its state's end are both due when the watermark jumps to 1000: one timer per
+    # request, so the window still closes on its impression (a negative) before the state goes.
+    assert_that(
+        joined["examples"] | "B" >> beam.FlatMap(lambda kv: [kv[1][0]] if kv[0] == "b" else []),
+        equal_to(["0"]),
+        label="b",
+    )
     p.run().wait_until_finish()
 
 
