@@ -10,8 +10,9 @@ the trainer's syncs.jsonl), reported as p50 / p95. A last run sends everything a
 the trainer sustains (examples/s between its first and last step, syncs included). The AUC rows compare, on held-out later examples, the final serving copy with a
 batch model trained once on the first 10% of the stream (Monolith's online-vs-batch comparison).
 
-Not measured yet: the joiner's share of the latency (issue 8: `stream ctr-join` on Flink is not reliable
-here, see the README), so this is example-in-Kafka to serving, not action-in-Kafka to serving.
+A last section replays a Criteo log through `stream ctr-join` on Flink into the trainer and reports,
+for every click that made a positive, the time from the click entering Kafka to the first serving copy
+trained on it (`--join-only` runs just that).
 """
 
 from __future__ import annotations
@@ -105,6 +106,96 @@ def run(bootstrap, rows, work: Path, topic: str, rate: float, sync: float, model
     }
 
 
+_READ_TOPIC = """
+import json, os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+from tensorflow_io.python.ops import core_ops
+b, topic = sys.argv[1:3]
+res = core_ops.io_kafka_readable_init(topic, 0, offset=0, metadata=[f"bootstrap.servers={b}"])
+lo, hi = core_ops.io_kafka_readable_spec(res, 0, -1)
+m, k = core_ops.io_kafka_readable_read(res, 0, hi)
+print(json.dumps([[x.decode(), y.decode()] for x, y in zip(k.numpy(), m.numpy())]))
+"""
+
+
+def run_join(bootstrap, rows, work: Path, rate: float, sync: float, model: str, window: float) -> dict:
+    """replay -> Kafka -> `stream ctr-join` on Flink -> Kafka -> `train ctr --online`: for every click
+    that made a positive, the time from the click entering Kafka to the first serving copy trained on it."""
+    from headrace.pipelines.ctr_stream import replay_events
+
+    work.mkdir(parents=True)
+    (work / "log.tsv").write_text("".join("\t".join(r) + "\n" for r in rows))
+    topics = ["join-imps", "join-acts", "join-examples", "join-late", "join-rejected"]
+    stack.create_topics(bootstrap, topics)
+    cli = [sys.executable, "-m", "headrace.runners.cli"]
+    join_log = open(work / "join.log", "w")  # noqa: SIM115 (the job outlives this block)
+    join = subprocess.Popen(
+        [*cli, "stream", "ctr-join", "--runner", "flink", "--bootstrap", bootstrap, "--impressions", topics[0],
+         "--actions", topics[1], "--examples", topics[2], "--late", topics[3], "--rejected", topics[4],
+         "--join-window", str(window)],
+        stdout=join_log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        # Ready when malformed probes come back on the rejected topic (the job reads and writes).
+        probe = (
+            "import sys; from headrace.runners.stream import KafkaProducer; p = KafkaProducer(sys.argv[1]); "
+        )
+        probe += "[p.send(sys.argv[2], 'probe') for _ in (0, 1)]; p.flush()"
+        subprocess.run([sys.executable, "-c", probe, bootstrap, topics[0]], check=True)
+        deadline = time.monotonic() + 300
+        while stack.end_offsets(bootstrap, [topics[4]])[(topics[4], 0)] < 2:
+            if time.monotonic() > deadline:
+                raise RuntimeError((work / "join.log").read_text()[-3000:])
+            time.sleep(1)
+        with open(work / "trainer.log", "w") as log:
+            trainer = subprocess.Popen(
+                trainer_cmd(bootstrap, topics[2], work, model, sync, "--idle-timeout", "60"),
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+            time.sleep(8)
+            started = time.monotonic()
+            replay = subprocess.run(
+                [*cli, "stream", "replay", "--input", str(work / "log.tsv"), "--bootstrap", bootstrap,
+                 "--impressions", topics[0], "--actions", topics[1], "--rate", str(rate), "--prefix", "j"],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            sent = json.loads(replay.stdout.strip().splitlines()[-1])
+            replay_seconds = time.monotonic() - started
+            if trainer.wait(timeout=1800) != 0:
+                raise RuntimeError((work / "trainer.log").read_text()[-3000:])
+    finally:
+        os.killpg(join.pid, 15)
+        join.wait(60)
+        join_log.close()
+    events = replay_events(
+        ["\t".join(r) for r in rows], start_ms=sent["start_ms"], rate=rate, mean_click_delay_s=5.0, prefix="j"
+    )
+    click_ms = {m.split("\t", 1)[0]: t for topic, t, m in events if topic == "actions"}
+    out = subprocess.run(
+        [sys.executable, "-c", _READ_TOPIC, bootstrap, topics[2]], capture_output=True, text=True, check=True
+    )
+    examples = json.loads(out.stdout)
+    syncs = [json.loads(line) for line in (work / "model" / "syncs.jsonl").read_text().splitlines()]
+    covered = np.array([s["offsets"][0] for s in syncs])
+    published = np.array([s["unix"] for s in syncs])
+    offsets = np.array([k for k, (_, v) in enumerate(examples) if v.startswith("1\t")])
+    clicked = np.array([click_ms[examples[k][0]] / 1000 for k in offsets])
+    first = np.searchsorted(covered, offsets, side="right")
+    ok = first < len(syncs)
+    latency = published[first[ok]] - clicked[ok]
+    metrics = json.loads((work / "model" / "metrics.json").read_text())
+    return {
+        "events_per_sec": (sent["impressions"] + sent["actions"]) / replay_seconds,
+        "examples": len(examples),
+        "positives": len(offsets),
+        "p50": float(np.percentile(latency, 50)),
+        "p95": float(np.percentile(latency, 95)),
+        "per_sec": metrics["examples_per_sec"],
+        "serving": work / "serving",
+    }
+
+
 def serving_auc(serving: Path, held_out) -> float:
     from headrace.runners.train_ctr import FIELDS
     from headrace.runners.train_ctr_online import ServingCopy
@@ -116,12 +207,29 @@ def serving_auc(serving: Path, held_out) -> float:
     return metrics_lib.auc(y, copy.probability(fields))
 
 
+def print_join(args, joined: dict) -> None:
+    print(
+        f"\nthrough the Flink join: {args.join_lines:,} lines at {args.join_rate:.0f} impressions/s, "
+        f"window {args.join_window:g}s, sync every 1s; latency = click in Kafka -> serving copy"
+    )
+    print(f"{'run':<36} {'events/s':>11} {'p50 s':>7} {'p95 s':>7}")
+    print(
+        f"{'replay -> join -> online trainer':<36} {joined['events_per_sec']:>11,.0f} "
+        f"{joined['p50']:>7.2f} {joined['p95']:>7.2f}"
+    )
+    print(f"  ({joined['positives']:,} positives of {joined['examples']:,} examples)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lines", type=int, default=40000)
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--syncs", default="1,5")
     parser.add_argument("--model", default="fm")
+    parser.add_argument("--join-lines", type=int, default=4000, help="lines replayed through the Flink join")
+    parser.add_argument("--join-rate", type=float, default=100.0, help="impressions/s into the join")
+    parser.add_argument("--join-window", type=float, default=10.0)
+    parser.add_argument("--join-only", action="store_true", help="only the run through the Flink join")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -132,6 +240,13 @@ def main() -> None:
             rows = [r for r in rows if len(r) == 40 and r[0] in ("0", "1")]
             stream, held_out = rows[: args.lines], rows[args.lines :]
             results = []
+            if args.join_only:
+                joined = run_join(
+                    broker.bootstrap, stream[: args.join_lines], tmp / "join", args.join_rate, 1.0, args.model,
+                    args.join_window,
+                )  # fmt: skip
+                print_join(args, joined)
+                return
             for sync in [float(s) for s in args.syncs.split(",")]:
                 r = run(
                     broker.bootstrap,
@@ -143,6 +258,15 @@ def main() -> None:
                     args.model,
                 )
                 results.append((f"online, {args.rate:.0f}/s, sync every {sync:g}s", r))
+            joined = run_join(
+                broker.bootstrap,
+                stream[: args.join_lines],
+                tmp / "join",
+                args.join_rate,
+                1.0,
+                args.model,
+                args.join_window,
+            )
             burst = run(broker.bootstrap, stream, tmp / "burst", "bench-burst", 0, 5.0, args.model)
             batch = run(
                 broker.bootstrap, stream[: args.lines // 10], tmp / "batch", "bench-batch", 0, 5.0, args.model
@@ -154,6 +278,7 @@ def main() -> None:
             for name, r in results:
                 print(f"{name:<36} {r['per_sec']:>11,.0f} {r['p50']:>7.2f} {r['p95']:>7.2f}")
             print(f"{'online, all at once (sustained)':<36} {burst['per_sec']:>11,.0f} {'-':>7} {'-':>7}")
+            print_join(args, joined)
             auc_online = serving_auc(results[-1][1]["serving"], held_out)
             auc_batch = serving_auc(batch["serving"], held_out)
             print(f"\n{'held-out AUC':<36} {'online':>11} {'batch':>7} {'diff':>7}")

@@ -328,9 +328,6 @@ class CtrJoinConfig:
         default=-1.0, metadata={"help": "state kept past the window (-1: one window)"}
     )
     partitions: int = dataclasses.field(default=1, metadata={"help": "for topics the join creates"})
-    bundle_size: int = dataclasses.field(
-        default=1, metadata={"help": "Flink's --max_bundle_size for the job"}
-    )
     allowed_lateness: float = dataclasses.field(
         default=2.0, metadata={"help": "seconds a window waits past the watermark for clicks in flight"}
     )

@@ -104,11 +104,6 @@ def ctr_join(config: CtrJoinConfig, runner: str | None, beam_args) -> int:
 
     runner = runner or "FlinkRunner"
     beam_args = list(beam_args)
-    if "flink" in runner.lower() and not any(a.startswith("--max_bundle_size") for a in beam_args):
-        # Flink's portable runner closes a bundle of the stateful join only when it is full (not after
-        # max_bundle_time_millis): with the default 1,000 the join emitted its first 1,000 outputs and
-        # then nothing while input kept coming (measured). Small bundles keep a live stream flowing.
-        beam_args.append(f"--max_bundle_size={config.bundle_size}")
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt

@@ -1,0 +1,202 @@
+"""The streaming path end to end on the real stack: `stream replay` -> Kafka -> `stream ctr-join` on Flink
+(KafkaIO cross-language, the stateful join) -> Kafka -> `train ctr --online` -> serving copies.
+
+The join's output is checked against a reference computed from the same log with plain Python: every
+click is a positive or a late action, every impression gives one example (or a negative dropped by
+sampling); the online trainer consumes exactly the examples topic and publishes serving copies."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from headrace.models import metrics as metrics_lib
+from headrace.pipelines.ctr_stream import keep_negative, replay_events
+from headrace.runners import stack
+from headrace.runners.train_ctr_online import ServingCopy
+
+CLI = [sys.executable, "-m", "headrace.runners.cli"]
+WINDOW_S, KEEP, RATE, CLICK_DELAY_S = 3.0, 0.5, 400.0, 1.0
+
+
+def _reference(lines: list[str]):
+    """What the join must output for the replayed log: positives, late clicks, kept negatives."""
+    impressions, clicks = {}, {}
+    for topic, t_ms, message in replay_events(
+        lines, start_ms=0, rate=RATE, mean_click_delay_s=CLICK_DELAY_S, prefix="e"
+    ):
+        rid = message.split("\t", 1)[0]
+        (impressions if topic == "impressions" else clicks)[rid] = t_ms
+    positives = {rid for rid, t in clicks.items() if t - impressions[rid] <= WINDOW_S * 1000}
+    negatives = {rid for rid in impressions if rid not in positives and keep_negative(rid, KEEP)}
+    return impressions, set(clicks), positives, negatives
+
+
+def _read(bootstrap: str, topic: str) -> list[tuple[str, str]]:
+    """(key, value) of every message on the topic (tfio, in a child process: see test_train_ctr_online)."""
+    code = (
+        "import json, os, sys\n"
+        "os.environ['TF_CPP_MIN_LOG_LEVEL'] = '3'\n"
+        "from tensorflow_io.python.ops import core_ops\n"
+        "b, topic = sys.argv[1:3]\n"
+        "res = core_ops.io_kafka_readable_init(topic, 0, offset=0, metadata=[f'bootstrap.servers={b}'])\n"
+        "lo, hi = core_ops.io_kafka_readable_spec(res, 0, -1)\n"
+        "m, k = core_ops.io_kafka_readable_read(res, 0, hi)\n"
+        "print(json.dumps([[x.decode(), y.decode()] for x, y in zip(k.numpy(), m.numpy())]))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, bootstrap, topic],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return [tuple(kv) for kv in json.loads(proc.stdout)]
+
+
+def _wait_for(state, target, timeout: float, what: str, log: Path):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = state()
+        if now >= target:
+            return
+        time.sleep(2)
+    raise AssertionError(f"timed out waiting for {what}: at {now}; join log:\n{log.read_text()[-3000:]}")
+
+
+def _trainer(bootstrap: str, work: Path, name: str, max_examples: int) -> list[str]:
+    return [
+        *CLI,
+        "train", "ctr", "--online", "--bootstrap", bootstrap, "--examples", "e2e-examples",
+        "--serving-dir", str(work / f"serving-{name}"), "--output", str(work / f"model-{name}"),
+        "--mesh", "", "--capacity", "65536", "--model", "fm", "--batch-size", "64",
+        "--sync-every", "1", "--dense-sync-every", "3", "--max-examples", str(max_examples),
+        "--idle-timeout", "240",
+    ]  # fmt: skip
+
+
+def test_replay_kafka_flink_join_online_trainer(kafka_broker, tmp_path):
+    from headrace.pipelines.ctr_data import generate
+    from headrace.runners.train_ctr import FIELDS
+
+    generate(tmp_path / "log.tsv", 10000, seed=21)
+    lines = (tmp_path / "log.tsv").read_text().splitlines()
+    stream, held_out = lines[:8000], [r.split("\t") for r in lines[8000:]]
+    (tmp_path / "stream.tsv").write_text("\n".join(stream) + "\n")
+    impressions, clicks, positives, negatives = _reference(stream)
+    expected = len(positives) + len(negatives)
+
+    topics = ["e2e-impressions", "e2e-actions", "e2e-examples", "e2e-late", "e2e-rejected"]
+    stack.create_topics(kafka_broker, topics)
+    join_log = tmp_path / "join.log"
+    join_cmd = [
+        *CLI,
+        "stream", "ctr-join", "--runner", "flink", "--bootstrap", kafka_broker,
+        "--impressions", topics[0], "--actions", topics[1], "--examples", topics[2], "--late", topics[3],
+        "--rejected", topics[4], "--join-window", str(WINDOW_S), "--negative-keep-rate", str(KEEP),
+        "--allowed-lateness", "2",
+    ]  # fmt: skip
+    with open(join_log, "w") as out:
+        join = subprocess.Popen(join_cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    online = None
+    try:
+        # Ready when malformed impressions come back on the rejected topic: the job reads and writes.
+        # (Replaying into a job still starting makes one backlog, read topic by topic: every positive
+        # first, then every negative, a class-sorted stream no online learner does well on.)
+        probe = (
+            "import sys; from headrace.runners.stream import KafkaProducer; p = KafkaProducer(sys.argv[1]); "
+        )
+        probe += "[p.send(sys.argv[2], 'not an impression') for _ in (0, 1)]; p.flush()"
+        subprocess.run([sys.executable, "-c", probe, kafka_broker, topics[0]], check=True, timeout=120)
+        _wait_for(
+            lambda: stack.end_offsets(kafka_broker, [topics[4]])[(topics[4], 0)],
+            1,
+            240,
+            "the probe",
+            join_log,
+        )
+        # The trainer runs alongside the join, as it would in production.
+        with open(tmp_path / "online.log", "w") as out:
+            online = subprocess.Popen(
+                _trainer(kafka_broker, tmp_path, "online", expected), stdout=out, stderr=subprocess.STDOUT
+            )
+        replay = subprocess.run(
+            [*CLI, "stream", "replay", "--input", str(tmp_path / "stream.tsv"), "--bootstrap", kafka_broker,
+                   "--impressions", topics[0], "--actions", topics[1], "--rate", str(RATE),
+                   "--mean-click-delay", str(CLICK_DELAY_S), "--prefix", "e"],
+            capture_output=True, text=True, timeout=180, check=False,
+        )  # fmt: skip
+        assert replay.returncode == 0, replay.stderr[-2000:]
+        sent = json.loads(replay.stdout.strip().splitlines()[-1])
+        assert sent["impressions"] == len(impressions) and sent["actions"] == len(clicks)
+
+        def offsets():
+            ends = stack.end_offsets(kafka_broker, [topics[2], topics[3]])
+            return ends[(topics[2], 0)], ends[(topics[3], 0)]
+
+        _wait_for(
+            offsets,
+            (expected, len(clicks) - len(positives)),
+            timeout=300,
+            what=f"{expected} examples and {len(clicks) - len(positives)} late clicks",
+            log=join_log,
+        )
+        assert online.wait(timeout=300) == 0, (tmp_path / "online.log").read_text()[-3000:]
+    finally:
+        if online is not None and online.poll() is None:
+            online.kill()
+        os.killpg(join.pid, signal.SIGTERM)
+        try:
+            join.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(join.pid, signal.SIGKILL)
+
+    # The join against the reference: each click exactly once, as a positive or a late action; each
+    # impression at most one example; negatives sampled by the request id's hash and weighted 1/R.
+    examples = _read(kafka_broker, topics[2])
+    late = _read(kafka_broker, topics[3])
+    assert offsets() == (expected, len(clicks) - len(positives))  # nothing more came after the wait
+    # The probe (two messages: tfio cannot read a lone one), naming where each was and what was wrong.
+    reason = "impression: expected 41 tab-separated fields, got 1"
+    assert _read(kafka_broker, topics[4]) == [
+        (f"{topics[0]}[0]@{i}", f"{topics[0]}[0]@{i}: {reason}") for i in (0, 1)
+    ]
+    ids = [k for k, _ in examples]
+    assert len(set(ids)) == len(ids)
+    by_label = {label: {k for k, v in examples if v.split("\t")[0] == label} for label in ("0", "1")}
+    assert by_label["1"] == positives
+    assert by_label["0"] == negatives
+    assert {v.split("\t")[1] for k, v in examples if k in negatives} == {f"{1 / KEEP:.6g}"}
+    assert {k for k, _ in late} == clicks - positives
+    assert len(positives) > 500 and len(late) > 10  # the log exercises both cases
+
+    # The online trainer consumed exactly what the join wrote, and published several serving copies.
+    result = json.loads((tmp_path / "model-online" / "metrics.json").read_text())
+    assert result["examples_trained"] == expected and result["offsets"] == {"0": expected}
+    syncs = [json.loads(x) for x in (tmp_path / "model-online" / "syncs.jsonl").read_text().splitlines()]
+    assert len({s["version"] for s in syncs}) >= 3
+
+    # A model trained once on the first 5% of the stream (Monolith's batch baseline) vs the serving copy.
+    first = subprocess.run(
+        _trainer(kafka_broker, tmp_path, "first", expected // 20), capture_output=True, text=True, timeout=300
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    fields = {name: np.array([r[1 + k] for r in held_out]) for k, name in enumerate(FIELDS)}
+    y = np.array([float(r[0]) for r in held_out])
+    aucs = {}
+    for name in ("first", "online"):
+        copy = ServingCopy(tmp_path / f"serving-{name}")
+        assert copy.refresh()
+        aucs[name] = metrics_lib.auc(y, copy.probability(fields))
+    print("held-out AUC", aucs)
+    # Learnt from the stream. Beating the first-5% model by a margin is not reliable yet: the join's
+    # output comes in bursts of one class, which online SGD handles badly (README, Streaming CTR).
+    assert aucs["online"] > 0.55, aucs
