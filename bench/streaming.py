@@ -109,12 +109,9 @@ def run(bootstrap, rows, work: Path, topic: str, rate: float, sync: float, model
 _READ_TOPIC = """
 import json, os, sys
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-from tensorflow_io.python.ops import core_ops
-b, topic = sys.argv[1:3]
-res = core_ops.io_kafka_readable_init(topic, 0, offset=0, metadata=[f"bootstrap.servers={b}"])
-lo, hi = core_ops.io_kafka_readable_spec(res, 0, -1)
-m, k = core_ops.io_kafka_readable_read(res, 0, hi)
-print(json.dumps([[x.decode(), y.decode()] for x, y in zip(k.numpy(), m.numpy())]))
+from headrace.runners.train_ctr_online import PartitionReader
+reader = PartitionReader(sys.argv[1], sys.argv[2], 0)
+print(json.dumps([[k.decode(), m.decode()] for k, m in reader.read_keyed(0, reader.end())]))
 """
 
 

@@ -187,6 +187,10 @@ class _Join(beam.DoFn):
     def _at(ms: int) -> Timestamp:
         return Timestamp(micros=ms * 1000)
 
+    def _state_ends(self, t_ms: int) -> Timestamp:
+        """When a request's state is cleared, from its impression's (or an early click's) event time."""
+        return self._at(t_ms + self._window_ms + self._lateness_ms + self._grace_ms)
+
     def _late_line(self, action: Action):
         self._late.inc()
         return beam.pvalue.TaggedOutput(
@@ -234,7 +238,7 @@ class _Join(beam.DoFn):
                 self._duplicates.inc()
             else:  # hold it until its impression arrives, or until a window past the click
                 early_state.write(event)
-                deadline.set(self._at(event.time_ms + self._window_ms + self._lateness_ms + self._grace_ms))
+                deadline.set(self._state_ends(event.time_ms))
             return
         if closed_state.read() or event.time_ms > impression.time_ms + self._window_ms:
             yield self._late_line(event)
@@ -258,7 +262,7 @@ class _Join(beam.DoFn):
             # The window is over: a negative unless clicked; the state stays `grace` longer so that a
             # late click is recognised as late.
             closed_state.write(True)
-            deadline.set(self._at(impression.time_ms + self._window_ms + self._lateness_ms + self._grace_ms))
+            deadline.set(self._state_ends(impression.time_ms))
             if done_state.read():
                 return
             done_state.write(True)
@@ -332,7 +336,7 @@ class CtrJoinConfig:
         default=2.0, metadata={"help": "seconds a window waits past the watermark for clicks in flight"}
     )
     start: str = dataclasses.field(
-        default="earliest", metadata={"help": "where a new group starts: earliest|latest"}
+        default="earliest", metadata={"help": "where the join starts reading: earliest|latest"}
     )
 
 

@@ -103,7 +103,6 @@ def ctr_join(config: CtrJoinConfig, runner: str | None, beam_args) -> int:
     from headrace.runners.beam_runner import create_pipeline, resolve_runner
 
     runner = runner or "FlinkRunner"
-    beam_args = list(beam_args)
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt

@@ -85,17 +85,19 @@ class PartitionReader:
         return int(stop)
 
     def read(self, start: int, stop: int) -> list[bytes]:
-        """Messages at offsets [start, stop). tfio returns nothing for a one-message range, so that case
-        re-reads the message before and drops it (a lone message at offset 0 waits for a second)."""
+        """Messages at offsets [start, stop)."""
+        return [message for _, message in self.read_keyed(start, stop)]
+
+    def read_keyed(self, start: int, stop: int) -> list[tuple[bytes, bytes]]:
+        """(key, message) at offsets [start, stop). tfio returns nothing for a one-message range, so that
+        case re-reads the message before and drops it (a lone message at offset 0 waits for a second)."""
         if stop <= start:
             return []
-        if stop - start == 1:
-            if start == 0:
-                return []
-            messages, _ = self._ops.io_kafka_readable_read(self._resource, start - 1, stop)
-            return [m for m in messages.numpy()[1:]]
-        messages, _ = self._ops.io_kafka_readable_read(self._resource, start, stop)
-        return list(messages.numpy())
+        first = start - 1 if stop - start == 1 else start
+        if first < 0:
+            return []
+        messages, keys = self._ops.io_kafka_readable_read(self._resource, first, stop)
+        return list(zip(keys.numpy(), messages.numpy(), strict=True))[start - first :]
 
 
 def parse_examples(lines: list[bytes]):

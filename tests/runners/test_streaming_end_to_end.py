@@ -44,12 +44,10 @@ def _read(bootstrap: str, topic: str) -> list[tuple[str, str]]:
     code = (
         "import json, os, sys\n"
         "os.environ['TF_CPP_MIN_LOG_LEVEL'] = '3'\n"
-        "from tensorflow_io.python.ops import core_ops\n"
-        "b, topic = sys.argv[1:3]\n"
-        "res = core_ops.io_kafka_readable_init(topic, 0, offset=0, metadata=[f'bootstrap.servers={b}'])\n"
-        "lo, hi = core_ops.io_kafka_readable_spec(res, 0, -1)\n"
-        "m, k = core_ops.io_kafka_readable_read(res, 0, hi)\n"
-        "print(json.dumps([[x.decode(), y.decode()] for x, y in zip(k.numpy(), m.numpy())]))\n"
+        "from headrace.runners.train_ctr_online import PartitionReader\n"
+        "reader = PartitionReader(sys.argv[1], sys.argv[2], 0)\n"
+        "pairs = reader.read_keyed(0, reader.end())\n"
+        "print(json.dumps([[k.decode(), m.decode()] for k, m in pairs]))\n"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code, bootstrap, topic],
