@@ -5,14 +5,18 @@
 A producer sends joined examples (label, weight, 39 raw fields: what `stream ctr-join` writes) to a topic
 at --rate per second and records when each was sent; `headrace train ctr --online` trains from the topic
 and publishes serving copies every --sync-every seconds (dense weights every 2x that). For every example,
-the latency is the time from its send to the publication of the first serving copy trained on it (from
-the trainer's syncs.jsonl), reported as p50 / p95. A last run sends everything at once to measure what
-the trainer sustains (examples/s between its first and last step, syncs included). The AUC rows compare, on held-out later examples, the final serving copy with a
+the latency is the time from its send to the publication of the first serving copy trained on it and on
+everything before it (the trainer's syncs.jsonl: `trained_below`), reported as p50 / p95. The trainer
+draws batches from a shuffle buffer (default 4096 examples, at most 10 s wait); a row with
+`--shuffle-buffer 0` shows what that costs in freshness. A last run sends everything at once to measure what
+the trainer sustains (examples/s over the time it works: reading, training, publishing, checkpointing;
+waits for data excluded). The AUC rows compare, on held-out later examples, the final serving copy with a
 batch model trained once on the first 10% of the stream (Monolith's online-vs-batch comparison).
 
 A last section replays a Criteo log through `stream ctr-join` on Flink into the trainer and reports,
 for every click that made a positive, the time from the click entering Kafka to the first serving copy
-trained on it (`--join-only` runs just that).
+trained on it and on everything before it (`--join-only` runs just that), and that copy's held-out AUC
+(few examples, so a low one: a batch model on as many gets about the same).
 """
 
 from __future__ import annotations
@@ -66,18 +70,18 @@ def trainer_cmd(bootstrap, topic, work: Path, model: str, sync: float, *extra) -
         sys.executable, "-m", "headrace.runners.cli", "train", "ctr", "--online",
         "--bootstrap", bootstrap, "--examples", topic, "--serving-dir", str(work / "serving"),
         "--output", str(work / "model"), "--mesh", "", "--model", model, "--capacity", str(1 << 18),
-        "--batch-size", "256", "--flush-after", "0.2", "--sync-every", str(sync),
+        "--batch-size", "256", "--sync-every", str(sync),
         "--dense-sync-every", str(2 * sync), "--idle-timeout", "20", "--checkpoint-every-seconds", "30",
         *extra,
     ]  # fmt: skip
 
 
-def run(bootstrap, rows, work: Path, topic: str, rate: float, sync: float, model: str) -> dict:
+def run(bootstrap, rows, work: Path, topic: str, rate: float, sync: float, model: str, *extra) -> dict:
     work.mkdir(parents=True)
     (work / "examples.txt").write_text(examples(rows))
     with open(work / "trainer.log", "w") as log:
         trainer = subprocess.Popen(
-            trainer_cmd(bootstrap, topic, work, model, sync), stdout=subprocess.DEVNULL, stderr=log
+            trainer_cmd(bootstrap, topic, work, model, sync, *extra), stdout=subprocess.DEVNULL, stderr=log
         )
         time.sleep(8)  # the trainer starts (TensorFlow import, topic discovery) before the stream does
         subprocess.run(
@@ -89,7 +93,7 @@ def run(bootstrap, rows, work: Path, topic: str, rate: float, sync: float, model
             raise RuntimeError((work / "trainer.log").read_text()[-3000:])
     sent = np.array(json.loads((work / "sent.json").read_text()))
     syncs = [json.loads(line) for line in (work / "model" / "syncs.jsonl").read_text().splitlines()]
-    covered = np.array([s["offsets"][0] for s in syncs])
+    covered = np.array([s["trained_below"][0] for s in syncs])
     published = np.array([s["unix"] for s in syncs])
     first = np.searchsorted(covered, np.arange(len(sent)), side="right")  # first sync covering offset k
     ok = first < len(syncs)
@@ -174,7 +178,7 @@ def run_join(bootstrap, rows, work: Path, rate: float, sync: float, model: str, 
     )
     examples = json.loads(out.stdout)
     syncs = [json.loads(line) for line in (work / "model" / "syncs.jsonl").read_text().splitlines()]
-    covered = np.array([s["offsets"][0] for s in syncs])
+    covered = np.array([s["trained_below"][0] for s in syncs])
     published = np.array([s["unix"] for s in syncs])
     offsets = np.array([k for k, (_, v) in enumerate(examples) if v.startswith("1\t")])
     clicked = np.array([click_ms[examples[k][0]] / 1000 for k in offsets])
@@ -204,7 +208,7 @@ def serving_auc(serving: Path, held_out) -> float:
     return metrics_lib.auc(y, copy.probability(fields))
 
 
-def print_join(args, joined: dict) -> None:
+def print_join(args, joined: dict, held_out) -> None:
     print(
         f"\nthrough the Flink join: {args.join_lines:,} lines at {args.join_rate:.0f} impressions/s, "
         f"window {args.join_window:g}s, sync every 1s; latency = click in Kafka -> serving copy"
@@ -214,7 +218,10 @@ def print_join(args, joined: dict) -> None:
         f"{'replay -> join -> online trainer':<36} {joined['events_per_sec']:>11,.0f} "
         f"{joined['p50']:>7.2f} {joined['p95']:>7.2f}"
     )
-    print(f"  ({joined['positives']:,} positives of {joined['examples']:,} examples)")
+    print(
+        f"  ({joined['positives']:,} positives of {joined['examples']:,} examples; "
+        f"held-out AUC of its serving copy {serving_auc(joined['serving'], held_out):.4f})"
+    )
 
 
 def main() -> None:
@@ -242,19 +249,23 @@ def main() -> None:
                     broker.bootstrap, stream[: args.join_lines], tmp / "join", args.join_rate, 1.0, args.model,
                     args.join_window,
                 )  # fmt: skip
-                print_join(args, joined)
+                print_join(args, joined, held_out)
                 return
-            for sync in [float(s) for s in args.syncs.split(",")]:
+            runs = [(float(s), ()) for s in args.syncs.split(",")]
+            runs.insert(1, (runs[0][0], ("--shuffle-buffer", "0", "--max-wait", "0.2")))
+            for k, (sync, extra) in enumerate(runs):
                 r = run(
                     broker.bootstrap,
                     stream,
-                    tmp / f"sync{sync}",
-                    f"bench-{sync}",
+                    tmp / f"run{k}",
+                    f"bench-{k}",
                     args.rate,
                     sync,
                     args.model,
+                    *extra,
                 )
-                results.append((f"online, {args.rate:.0f}/s, sync every {sync:g}s", r))
+                shuffle = "no shuffle" if extra else "shuffle 4096"
+                results.append((f"online, {args.rate:.0f}/s, sync {sync:g}s, {shuffle}", r))
             joined = run_join(
                 broker.bootstrap,
                 stream[: args.join_lines],
@@ -265,18 +276,21 @@ def main() -> None:
                 args.join_window,
             )
             burst = run(broker.bootstrap, stream, tmp / "burst", "bench-burst", 0, 5.0, args.model)
+            first = stream[: args.lines // 10]  # one pass, fully shuffled: a batch model
             batch = run(
-                broker.bootstrap, stream[: args.lines // 10], tmp / "batch", "bench-batch", 0, 5.0, args.model
-            )
+                broker.bootstrap, first, tmp / "batch", "bench-batch", 0, 5.0, args.model,
+                "--shuffle-buffer", str(len(first)), "--max-wait", "60",
+            )  # fmt: skip
             print(
-                f"\n{len(stream):,} examples ({args.model}), held-out {len(held_out):,}; latency = sent -> serving"
+                f"\n{len(stream):,} examples ({args.model}), held-out {len(held_out):,}; "
+                "latency = sent -> first serving copy trained on it and on everything before it"
             )
-            print(f"{'run':<36} {'examples/s':>11} {'p50 s':>7} {'p95 s':>7}")
+            print(f"{'run':<48} {'examples/s':>11} {'p50 s':>7} {'p95 s':>7}")
             for name, r in results:
-                print(f"{name:<36} {r['per_sec']:>11,.0f} {r['p50']:>7.2f} {r['p95']:>7.2f}")
-            print(f"{'online, all at once (sustained)':<36} {burst['per_sec']:>11,.0f} {'-':>7} {'-':>7}")
-            print_join(args, joined)
-            auc_online = serving_auc(results[-1][1]["serving"], held_out)
+                print(f"{name:<48} {r['per_sec']:>11,.0f} {r['p50']:>7.2f} {r['p95']:>7.2f}")
+            print(f"{'online, all at once (sustained)':<48} {burst['per_sec']:>11,.0f} {'-':>7} {'-':>7}")
+            print_join(args, joined, held_out)
+            auc_online = serving_auc(results[0][1]["serving"], held_out)
             auc_batch = serving_auc(batch["serving"], held_out)
             print(f"\n{'held-out AUC':<36} {'online':>11} {'batch':>7} {'diff':>7}")
             print(

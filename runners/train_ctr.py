@@ -114,7 +114,12 @@ class CTRTrainConfig:
         default=0.0, metadata={"help": "stop when idle this long (0: never)"}
     )
     max_examples: int = dataclasses.field(default=0, metadata={"help": "stop after this many (0: never)"})
-    flush_after: float = dataclasses.field(default=1.0, metadata={"help": "train a partial batch after (s)"})
+    shuffle_buffer: int = dataclasses.field(
+        default=4096, metadata={"help": "examples held and drawn from at random (0: arrival order)"}
+    )
+    max_wait: float = dataclasses.field(
+        default=10.0, metadata={"help": "longest an example waits in the buffer before training (s)"}
+    )
     read_chunk: int = 8192
     poll_interval: float = 0.2
     keep_versions: int = 3

@@ -2,10 +2,12 @@
 
     headrace train ctr --online --bootstrap HOST:PORT --examples TOPIC --serving-dir S --output MODEL
         [--sync-every 30] [--dense-sync-every 120] [--checkpoint-every-seconds 60] [--idle-timeout 0]
+        [--shuffle-buffer 4096] [--max-wait 10]
 
 Reading. Every partition of the topic is read by explicit offsets with tfio's Kafka ops (its bundled
 librdkafka): the next offset of each partition is trainer state, saved in the same checkpoint as the
-model and the embedding table, and a restart reads from exactly there. tfio's KafkaGroupIODataset was the
+model and the embedding table (with the examples read but not yet trained), and a restart reads from
+exactly there. tfio's KafkaGroupIODataset was the
 first choice and does not fit: it yields neither offsets nor partitions, and librdkafka's auto-commit
 commits what it has fetched (prefetched batches included) every 5 s, so after a SIGKILL the committed
 position runs ahead of the last checkpoint and those examples would be lost. With offsets in the
@@ -13,9 +15,10 @@ checkpoint, a trainer killed at any point resumes with no example lost and none 
 last checkpoint.
 
 Training. Lines ``label <TAB> weight <TAB> 39 raw fields`` (the joiner's output) become ids exactly as
-serving hashes them, and train the batch CTR model (`CTRTrainer`) step by step; a partial batch is
-trained when no full one has come for `flush_after` seconds. Negatives carry weight 1/R (the joiner's keep
-rate); the trainer learns the odds of the sample and the serving copy adds log R to the logit.
+serving hashes them, and train the batch CTR model (`CTRTrainer`) step by step. Batches are drawn at
+random from a shuffle buffer (`ShuffleBuffer`: the join writes runs of one class), and no example waits
+longer than `max_wait` seconds. Negatives carry weight 1/R (the joiner's keep rate); the trainer learns
+the odds of the sample and the serving copy adds log R to the logit.
 
 Serving copy. Every `sync_every` seconds the rows the table touched since the last sync (and the ids it
 expired) are applied to a host copy of the sparse parameters; every `dense_sync_every` seconds the dense
@@ -26,7 +29,6 @@ reader never sees half a model. `ServingCopy` is the reader side: it reloads whe
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import math
@@ -53,7 +55,14 @@ from headrace.runners.train_ctr import (
 )
 from headrace.runners.training import Progress, Summaries, write_json
 
-__all__ = ["PartitionReader", "ServingCopy", "ServingPublisher", "parse_examples", "train_online"]
+__all__ = [
+    "PartitionReader",
+    "ServingCopy",
+    "ServingPublisher",
+    "ShuffleBuffer",
+    "parse_examples",
+    "train_online",
+]
 
 _log = logging.getLogger("headrace.train")
 
@@ -117,6 +126,77 @@ def _valid(line: bytes) -> bool:
         return float(parts[1]) > 0
     except ValueError:
         return False
+
+
+class ShuffleBuffer:
+    """Examples read but not yet trained, drawn from at random: tf.data's shuffle, for a stream.
+
+    A joined stream is far from shuffled: positives leave the join at the click, negatives when the
+    watermark passes their window, so the topic holds runs of one class, hundreds long while the join
+    lags. Online SGD on such runs swings from one class to the other. The buffer holds up to `size`
+    examples and trains a batch drawn uniformly from it once it is full; an example that has waited
+    `max_wait` seconds goes into the next batch whatever the buffer holds (a slow or stopped stream is
+    still trained, within that bound). With `size` 0 batches are trained in arrival order.
+
+    Its contents are trainer state like the read offsets, saved in the same checkpoint (`state` /
+    `restore`), so a restart resumes with the same examples pending: none lost, none trained twice."""
+
+    def __init__(self, batch_size: int, size: int, max_wait: float, seed: int = 0):
+        self.batch_size, self.capacity, self.max_wait = batch_size, max(size, batch_size), max_wait
+        self.shuffle = size > 0
+        self._items: list[tuple[int, int, bytes, float]] = []  # (partition index, offset, line, arrival)
+        self._rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, partition: int, offset: int, line: bytes, now: float) -> None:
+        self._items.append((partition, offset, line, now))
+
+    def _overdue(self, now: float) -> int:
+        """How many examples have waited `max_wait` (they are the first ones: kept in arrival order)."""
+        n = 0
+        while n < len(self._items) and now - self._items[n][3] >= self.max_wait:
+            n += 1
+        return n
+
+    def ready(self, now: float) -> bool:
+        return len(self._items) >= self.capacity or bool(self._items and self._overdue(now))
+
+    def take(self, now: float) -> list[tuple[int, int, bytes]]:
+        """One batch drawn at random, from the overdue examples first when there are any (without a
+        shuffle, the first ones)."""
+        n, overdue = len(self._items), self._overdue(now)
+        if not self.shuffle:
+            drawn = np.arange(min(self.batch_size, n))
+        elif overdue >= self.batch_size:
+            drawn = self._rng.choice(overdue, self.batch_size, replace=False)
+        else:
+            k = min(self.batch_size - overdue, n - overdue)
+            drawn = np.concatenate(
+                [np.arange(overdue), overdue + self._rng.choice(n - overdue, k, replace=False)]
+            )
+        chosen = set(drawn.tolist())
+        batch = [self._items[i][:3] for i in sorted(chosen)]
+        self._items = [item for i, item in enumerate(self._items) if i not in chosen]
+        return batch
+
+    def lowest(self, read) -> np.ndarray:
+        """Per partition, the lowest offset still pending (`read`, the next to read, where none is):
+        every example below it has been trained or rejected."""
+        low = np.asarray(read, np.int64).copy()
+        for i, offset, _, _ in self._items:
+            low[i] = min(low[i], offset)
+        return low
+
+    def state(self) -> tuple[np.ndarray, np.ndarray]:
+        """(lines [N] bytes, where [N, 2] partition index and offset), for the checkpoint."""
+        lines = np.array([item[2] for item in self._items], dtype=object)
+        where = np.array([item[:2] for item in self._items], np.int64).reshape(-1, 2)
+        return lines, where
+
+    def restore(self, lines, where, now: float) -> None:
+        self._items = [(int(i), int(o), bytes(line), now) for line, (i, o) in zip(lines, where, strict=True)]
 
 
 class ServingPublisher:
@@ -264,26 +344,40 @@ def train_online(config) -> dict:
     readers = [PartitionReader(config.bootstrap, config.examples, p) for p in partitions]
 
     trainer = CTRTrainer(config, mesh)
+    # Read positions: every example below is trained, rejected, or pending in the shuffle buffer, whose
+    # contents are saved alongside (`pending_*`).
     offsets = tf.Variable(np.zeros(len(partitions), np.int64), trainable=False, name="offsets")
     trained = tf.Variable(np.int64(0), trainable=False, name="examples_trained")
     rejected = tf.Variable(np.int64(0), trainable=False, name="examples_rejected")
     keep_rate = tf.Variable(1.0, trainable=False, name="negative_keep_rate")
+    pending_lines = tf.Variable(tf.zeros([0], tf.string), shape=[None], trainable=False, name="pending")
+    pending_where = tf.Variable(
+        tf.zeros([0, 2], tf.int64), shape=[None, 2], trainable=False, name="pending_where"
+    )
     manager = PairedCheckpoint(
         trainer,
         out / "checkpoint",
-        extra_host={"offsets": offsets, "trained": trained, "rejected": rejected, "keep_rate": keep_rate},
+        extra_host={
+            "offsets": offsets,
+            "trained": trained,
+            "rejected": rejected,
+            "keep_rate": keep_rate,
+            "pending": pending_lines,
+            "pending_where": pending_where,
+        },
     )
+    buffer = ShuffleBuffer(config.batch_size, config.shuffle_buffer, config.max_wait, config.seed)
     step = 0
     if manager.restore_latest() is not None:
         step = int(mesh_lib.to_numpy(trainer.step))
+        buffer.restore(pending_lines.numpy(), pending_where.numpy(), time.monotonic())
         _log.info(
-            "online: resumed at step %d, %d examples trained, offsets %s",
+            "online: resumed at step %d, %d examples trained, offsets %s, %d pending",
             step,
             int(trained.numpy()),
             offsets.numpy().tolist(),
+            len(buffer),
         )
-    next_offset = offsets.numpy().copy()  # read position (ahead of `offsets` by the buffer)
-    buffer: collections.deque = collections.deque()  # (partition index, offset, line)
     publisher = ServingPublisher(trainer, Path(config.serving_dir), config.keep_versions)
     summaries = Summaries(out / "tensorboard" / "online")
     progress = Progress(None, config.batch_size, config.log_every_seconds, name="ctr online")
@@ -291,12 +385,13 @@ def train_online(config) -> dict:
     sync_log = out / "syncs.jsonl"
     now = time.monotonic()
     last_sync = last_dense = last_ckpt = last_data = now
-    oldest_wait = None
     losses = []
-    first_step_at = last_step_at = None  # wall clock of the first and last training step of this run
-    trained_here = 0
+    trained_here, busy = 0, 0.0  # this run's examples and seconds of work (waiting for data excluded)
 
     def checkpoint():
+        lines, where = buffer.state()
+        pending_lines.assign(tf.constant(lines, tf.string, shape=[len(lines)]))
+        pending_where.assign(where)
         manager.save(step)
 
     def sync(dense: bool):
@@ -305,6 +400,8 @@ def train_online(config) -> dict:
             step=step,
             examples_trained=int(trained.numpy()),
             offsets=offsets.numpy().tolist(),
+            trained_below=buffer.lowest(offsets.numpy()).tolist(),
+            pending=len(buffer),
             loss=float(np.mean(losses[-50:])) if losses else None,
         )
         version = publisher.publish(info, math.log(float(keep_rate.numpy())))
@@ -314,63 +411,65 @@ def train_online(config) -> dict:
 
     while True:
         # Poll every partition for what is new.
-        got = 0
+        got, worked, started = 0, False, time.monotonic()
+        read = offsets.numpy()
+        now = time.monotonic()
         for i, reader in enumerate(readers):
             end = reader.end()
-            if end > next_offset[i]:
-                stop = min(end, next_offset[i] + config.read_chunk)
-                lines = reader.read(int(next_offset[i]), int(stop))
+            if end > read[i]:
+                stop = min(end, read[i] + config.read_chunk)
+                lines = reader.read(int(read[i]), int(stop))
                 for k, line in enumerate(lines):
-                    buffer.append((i, int(next_offset[i]) + k, line))
-                next_offset[i] += len(lines)
+                    buffer.add(i, int(read[i]) + k, line, now)
+                read[i] += len(lines)
                 got += len(lines)
+        offsets.assign(read)
         now = time.monotonic()
         if got:
             last_data = now
-            oldest_wait = oldest_wait or now
-        # Train full batches; a partial one once it has waited `flush_after`.
-        while buffer and (
-            len(buffer) >= config.batch_size or (oldest_wait and now - oldest_wait >= config.flush_after)
-        ):
-            batch = [buffer.popleft() for _ in range(min(config.batch_size, len(buffer)))]
+        # Train while the buffer is full or holds an example that has waited `max_wait`.
+        while buffer.ready(now):
+            batch = buffer.take(now)
             good = [line for _, _, line in batch if _valid(line)]
             bad = len(batch) - len(good)
             if bad:
                 rejected.assign_add(bad)
-                _log.warning("online: %d malformed example line(s) in %s skipped", bad, config.examples)
+                where = [f"{readers[i].partition}@{offset}" for i, offset, line in batch if not _valid(line)]
+                _log.warning(
+                    "online: %d malformed example line(s) skipped in %s[partition@offset]: %s",
+                    bad,
+                    config.examples,
+                    ", ".join(where[:10]) + (" ..." if bad > 10 else ""),
+                )
             if good:
                 fields, labels, weights = parse_examples(good)
                 negative = weights.numpy()[labels.numpy() == 0]
                 if len(negative):
                     keep_rate.assign(float(1.0 / negative[-1]))
                 loss = trainer.train_on_batch(serving_ids(fields), labels, step, rates)
-                first_step_at = first_step_at or time.monotonic()
-                last_step_at = time.monotonic()
                 trained_here += len(good)
+                worked = True
                 step += 1
                 losses.append(loss)
                 summaries.scalars(step, {"loss": loss})
                 progress.update(step, {"loss": loss, "trained": float(trained.numpy() + len(good))})
             trained.assign_add(len(good))
-            consumed = offsets.numpy()  # everything up to here is consumed: trained or rejected
-            for i, offset, _ in batch:
-                consumed[i] = offset + 1
-            offsets.assign(consumed)
             if config.expire_steps and step % config.expire_every == 0:
                 trainer.table.expire(tf.constant(step, tf.int64))
-            oldest_wait = now if buffer else None
-        now = time.monotonic()
+            now = time.monotonic()
         done = bool(config.max_examples) and int(trained.numpy() + rejected.numpy()) >= config.max_examples
-        idle = bool(config.idle_timeout) and not buffer and now - last_data >= config.idle_timeout
+        idle = bool(config.idle_timeout) and not len(buffer) and now - last_data >= config.idle_timeout
         if done or idle or now - last_sync >= config.sync_every:
             dense = done or idle or now - last_dense >= config.dense_sync_every
             sync(dense)
-            last_sync = now
+            worked, last_sync = True, now
             if dense:
                 last_dense = now
         if done or idle or now - last_ckpt >= config.checkpoint_every_seconds:
             checkpoint()
-            last_ckpt = now
+            worked, last_ckpt = True, now
+        if got or worked:
+            busy += time.monotonic() - started
         if done or idle:
             break
         if not got:
@@ -384,11 +483,9 @@ def train_online(config) -> dict:
         "serving_version": publisher.version,
         "negative_keep_rate": float(keep_rate.numpy()),
         "stopped": "max_examples" if done else "idle",
-        "examples_per_sec": (
-            trained_here / (last_step_at - first_step_at)
-            if last_step_at and last_step_at > first_step_at
-            else 0.0
-        ),  # this run's training steps, serving syncs included
+        # What this run's work sustains: reading, training, publishing and checkpointing, not the waits for
+        # data (nor for the shuffle buffer to fill).
+        "examples_per_sec": trained_here / busy if busy else 0.0,
         **trainer.table.counters(),
     }
     write_json(out / "metrics.json", result)

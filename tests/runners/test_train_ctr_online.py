@@ -130,8 +130,9 @@ def test_online_trainer_syncs_serving_copies_and_reconciles(kafka_broker, tmp_pa
     assert not copy.refresh()  # LATEST unchanged: nothing to reload
 
 
-def _checkpointed(model: Path) -> tuple[int, list[int]] | None:
-    """(examples trained, offsets) in the newest host checkpoint, if any."""
+def _checkpointed(model: Path) -> tuple[int, list[int], int] | None:
+    """(examples trained, read offsets, examples pending in the shuffle buffer) in the newest host
+    checkpoint, if any."""
     import tensorflow as tf
 
     latest = tf.train.latest_checkpoint(str(model / "checkpoint" / "host"))
@@ -139,7 +140,8 @@ def _checkpointed(model: Path) -> tuple[int, list[int]] | None:
         return None
     reader = tf.train.load_checkpoint(latest)
     trained = int(reader.get_tensor("trained/.ATTRIBUTES/VARIABLE_VALUE"))
-    return trained, reader.get_tensor("offsets/.ATTRIBUTES/VARIABLE_VALUE").tolist()
+    pending = len(reader.get_tensor("pending/.ATTRIBUTES/VARIABLE_VALUE"))
+    return trained, reader.get_tensor("offsets/.ATTRIBUTES/VARIABLE_VALUE").tolist(), pending
 
 
 def test_sigkill_mid_stream_resumes_without_loss_or_duplication(kafka_broker, tmp_path):
@@ -164,14 +166,73 @@ def test_sigkill_mid_stream_resumes_without_loss_or_duplication(kafka_broker, tm
     )
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
-    trained_at_kill, offsets_at_kill = _checkpointed(tmp_path / "model")
-    assert 0 < trained_at_kill < n and offsets_at_kill == [trained_at_kill]
+    trained_at_kill, offsets_at_kill, pending_at_kill = _checkpointed(tmp_path / "model")
+    # Read = trained + pending: the shuffle buffer's examples, read but not trained, are in the checkpoint.
+    assert 0 < trained_at_kill < n and pending_at_kill > 0
+    assert offsets_at_kill == [trained_at_kill + pending_at_kill]
 
     log = _run(cmd)
-    assert f"{trained_at_kill} examples trained, offsets [{trained_at_kill}]" in log  # resumed there
+    resumed = f"{trained_at_kill} examples trained, offsets {offsets_at_kill}, {pending_at_kill} pending"
+    assert resumed in log  # resumed exactly there
     result = json.loads((tmp_path / "model" / "metrics.json").read_text())
     # Every example of the topic trained exactly once across the two runs, counted from the checkpoint.
     assert result["examples_trained"] == n and result["offsets"] == {"0": n}
+
+
+def _lines(labels) -> list[tuple[int, int, bytes]]:
+    return [(0, k, f"{label}\t1\tline {k}".encode()) for k, label in enumerate(labels)]
+
+
+def test_shuffle_buffer_mixes_a_class_sorted_stream_and_takes_each_example_once():
+    from headrace.runners.train_ctr_online import ShuffleBuffer
+
+    buffer = ShuffleBuffer(batch_size=100, size=1000, max_wait=10.0, seed=0)
+    for partition, offset, line in _lines([1] * 500 + [0] * 500):  # what a lagging join writes
+        assert not buffer.ready(0.0)
+        buffer.add(partition, offset, line, now=0.0)
+    assert buffer.ready(0.0) and len(buffer) == 1000
+    first = buffer.take(0.0)
+    positives = sum(line.startswith(b"1") for _, _, line in first)
+    assert len(first) == 100 and 30 < positives < 70  # both classes, about half each (arrival order: 100/0)
+    assert not buffer.ready(5.0)  # below capacity, nothing has waited max_wait
+    taken = [offset for _, offset, _ in first]
+    while buffer.ready(10.0):  # all overdue now: drained in batches of at most 100
+        batch = buffer.take(10.0)
+        assert 0 < len(batch) <= 100
+        taken += [offset for _, offset, _ in batch]
+    assert sorted(taken) == list(range(1000)) and len(buffer) == 0
+
+
+def test_shuffle_buffer_max_wait_state_and_arrival_order_without_shuffle():
+    from headrace.runners.train_ctr_online import ShuffleBuffer
+
+    buffer = ShuffleBuffer(batch_size=4, size=100, max_wait=2.0, seed=1)
+    for partition, offset, line in _lines([0, 1, 0]):
+        buffer.add(partition, offset, line, now=0.0)
+    for partition, offset, line in _lines([1] * 8)[3:]:
+        buffer.add(partition, offset, line, now=1.5)
+    assert not buffer.ready(1.9) and buffer.ready(2.0)
+    batch = buffer.take(2.0)  # the three overdue ones, plus one drawn from the rest
+    offsets = {offset for _, offset, _ in batch}
+    assert {0, 1, 2} < offsets and len(batch) == 4
+    remaining = {3, 4, 5, 6, 7} - offsets
+    assert buffer.lowest([8]).tolist() == [min(remaining)]  # every offset below it is trained
+
+    # The pending examples survive a checkpoint round trip (arrival is the restore time).
+    lines, where = buffer.state()
+    restored = ShuffleBuffer(batch_size=4, size=100, max_wait=2.0)
+    restored.restore(lines, where, now=10.0)
+    assert len(restored) == 4 and not restored.ready(11.0) and restored.ready(12.0)
+    assert sorted(restored.take(12.0)) == sorted(
+        zip(where[:, 0].tolist(), where[:, 1].tolist(), lines.tolist())
+    )
+
+    # Size 0: batches in arrival order.
+    fifo = ShuffleBuffer(batch_size=3, size=0, max_wait=2.0)
+    for partition, offset, line in _lines([0] * 7):
+        fifo.add(partition, offset, line, now=0.0)
+    assert [o for _, o, _ in fifo.take(0.0)] == [0, 1, 2] and [o for _, o, _ in fifo.take(0.0)] == [3, 4, 5]
+    assert not fifo.ready(1.0) and [o for _, o, _ in fifo.take(2.0)] == [6]
 
 
 _READ = """
