@@ -76,6 +76,18 @@ def trainer_cmd(bootstrap, topic, work: Path, model: str, sync: float, *extra) -
     ]  # fmt: skip
 
 
+def serving_times(work: Path, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For examples at these offsets (partition 0): when the first serving copy trained on each and on
+    everything before it was published (the trainer's syncs.jsonl, `trained_below`), for those covered,
+    and the mask of the covered ones."""
+    syncs = [json.loads(line) for line in (work / "model" / "syncs.jsonl").read_text().splitlines()]
+    covered = np.array([s["trained_below"][0] for s in syncs])
+    published = np.array([s["unix"] for s in syncs])
+    first = np.searchsorted(covered, offsets, side="right")  # first sync with trained_below > offset
+    ok = first < len(syncs)
+    return published[first[ok]], ok
+
+
 def run(bootstrap, rows, work: Path, topic: str, rate: float, sync: float, model: str, *extra) -> dict:
     work.mkdir(parents=True)
     (work / "examples.txt").write_text(examples(rows))
@@ -92,14 +104,10 @@ def run(bootstrap, rows, work: Path, topic: str, rate: float, sync: float, model
         if trainer.wait(timeout=1800) != 0:
             raise RuntimeError((work / "trainer.log").read_text()[-3000:])
     sent = np.array(json.loads((work / "sent.json").read_text()))
-    syncs = [json.loads(line) for line in (work / "model" / "syncs.jsonl").read_text().splitlines()]
-    covered = np.array([s["trained_below"][0] for s in syncs])
-    published = np.array([s["unix"] for s in syncs])
-    first = np.searchsorted(covered, np.arange(len(sent)), side="right")  # first sync covering offset k
-    ok = first < len(syncs)
+    published, ok = serving_times(work, np.arange(len(sent)))
     if not ok.any():
-        raise RuntimeError(f"no serving copy covers the stream: syncs {syncs[-3:]}, sent {len(sent)}")
-    latency = published[first[ok]] - sent[ok]
+        raise RuntimeError(f"no serving copy covers the stream ({len(sent)} sent)")
+    latency = published - sent[ok]
     metrics = json.loads((work / "model" / "metrics.json").read_text())
     return {
         "examples": metrics["examples_trained"],
@@ -177,14 +185,10 @@ def run_join(bootstrap, rows, work: Path, rate: float, sync: float, model: str, 
         [sys.executable, "-c", _READ_TOPIC, bootstrap, topics[2]], capture_output=True, text=True, check=True
     )
     examples = json.loads(out.stdout)
-    syncs = [json.loads(line) for line in (work / "model" / "syncs.jsonl").read_text().splitlines()]
-    covered = np.array([s["trained_below"][0] for s in syncs])
-    published = np.array([s["unix"] for s in syncs])
     offsets = np.array([k for k, (_, v) in enumerate(examples) if v.startswith("1\t")])
     clicked = np.array([click_ms[examples[k][0]] / 1000 for k in offsets])
-    first = np.searchsorted(covered, offsets, side="right")
-    ok = first < len(syncs)
-    latency = published[first[ok]] - clicked[ok]
+    published, ok = serving_times(work, offsets)
+    latency = published - clicked[ok]
     metrics = json.loads((work / "model" / "metrics.json").read_text())
     return {
         "events_per_sec": (sent["impressions"] + sent["actions"]) / replay_seconds,

@@ -412,8 +412,7 @@ def train_online(config) -> dict:
     while True:
         # Poll every partition for what is new.
         got, worked, started = 0, False, time.monotonic()
-        read = offsets.numpy()
-        now = time.monotonic()
+        read, now = offsets.numpy(), started
         for i, reader in enumerate(readers):
             end = reader.end()
             if end > read[i]:
@@ -423,9 +422,9 @@ def train_online(config) -> dict:
                     buffer.add(i, int(read[i]) + k, line, now)
                 read[i] += len(lines)
                 got += len(lines)
-        offsets.assign(read)
         now = time.monotonic()
         if got:
+            offsets.assign(read)
             last_data = now
         # Train while the buffer is full or holds an example that has waited `max_wait`.
         while buffer.ready(now):

@@ -22,6 +22,8 @@ from headrace.pipelines.ctr_stream import keep_negative, replay_events
 from headrace.runners import stack
 from headrace.runners.train_ctr_online import ServingCopy
 
+from .kafka_children import produce_file
+
 CLI = [sys.executable, "-m", "headrace.runners.cli"]
 WINDOW_S, KEEP, RATE, CLICK_DELAY_S = 3.0, 0.5, 150.0, 1.0
 
@@ -189,15 +191,7 @@ def test_replay_kafka_flink_join_online_trainer(kafka_broker, tmp_path):
     first_part = {f"e{k}" for k in range(len(stream) // 10)}
     first_lines = [v for k, v in examples if k in first_part]
     (tmp_path / "first.txt").write_text("\n".join(first_lines) + "\n")
-    produce = (
-        "import sys; from headrace.runners.stream import KafkaProducer; p = KafkaProducer(sys.argv[1]); "
-    )
-    produce += "[p.send(sys.argv[2], line.rstrip('\\n')) for line in open(sys.argv[3])]; p.flush()"
-    subprocess.run(
-        [sys.executable, "-c", produce, kafka_broker, "e2e-first", str(tmp_path / "first.txt")],
-        check=True,
-        timeout=120,
-    )
+    produce_file(kafka_broker, "e2e-first", tmp_path / "first.txt")
     batch = _trainer(kafka_broker, tmp_path, "first", len(first_lines), topic="e2e-first")
     first = subprocess.run(
         [*batch, "--shuffle-buffer", str(len(first_lines)), "--max-wait", "60"],

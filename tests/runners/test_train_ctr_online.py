@@ -19,16 +19,7 @@ from headrace.models import metrics as metrics_lib
 from headrace.runners import stack
 from headrace.runners.train_ctr_online import ServingCopy
 
-_PRODUCE = """
-import os, sys
-os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-from headrace.runners.stream import KafkaProducer
-bootstrap, topic, path = sys.argv[1:4]
-producer = KafkaProducer(bootstrap)
-for line in open(path):
-    producer.send(topic, line.rstrip("\\n"))
-producer.flush()
-"""
+from .kafka_children import produce_file
 
 
 def _criteo(tmp_path: Path, n: int, seed: int) -> list[list[str]]:
@@ -42,14 +33,7 @@ def _criteo(tmp_path: Path, n: int, seed: int) -> list[list[str]]:
 def _produce(bootstrap: str, topic: str, rows, path: Path) -> int:
     """Writes rows as example lines (label, weight 1, 39 fields) to the topic; returns the count."""
     path.write_text("".join("\t".join([r[0], "1", *r[1:]]) + "\n" for r in rows))
-    proc = subprocess.run(
-        [sys.executable, "-c", _PRODUCE, bootstrap, topic, str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    produce_file(bootstrap, topic, path)
     return len(rows)
 
 
