@@ -25,7 +25,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 warnings.filterwarnings("ignore")
 
-from headrace.runners import mesh as mesh_lib  # noqa: E402
+from headrace.core import mesh as mesh_lib  # noqa: E402
 
 mesh_lib.configure_virtual_devices(8)
 

@@ -41,7 +41,7 @@ from headrace.runners import stack
 _PRODUCE = """
 import json, os, sys, time
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-from headrace.runners.stream import KafkaProducer
+from headrace.runners.kafka import KafkaProducer
 bootstrap, topic, path, rate, out = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5]
 producer = KafkaProducer(bootstrap, linger_ms=1)
 lines = open(path).read().splitlines()
@@ -121,7 +121,7 @@ def run(bootstrap, rows, work: Path, topic: str, rate: float, sync: float, model
 _READ_TOPIC = """
 import json, os, sys
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-from headrace.runners.train_ctr_online import PartitionReader
+from headrace.runners.kafka import PartitionReader
 reader = PartitionReader(sys.argv[1], sys.argv[2], 0)
 print(json.dumps([[k.decode(), m.decode()] for k, m in reader.read_keyed(0, reader.end())]))
 """
@@ -147,7 +147,7 @@ def run_join(bootstrap, rows, work: Path, rate: float, sync: float, model: str, 
     try:
         # Ready when malformed probes come back on the rejected topic (the job reads and writes).
         probe = (
-            "import sys; from headrace.runners.stream import KafkaProducer; p = KafkaProducer(sys.argv[1]); "
+            "import sys; from headrace.runners.kafka import KafkaProducer; p = KafkaProducer(sys.argv[1]); "
         )
         probe += "[p.send(sys.argv[2], 'probe') for _ in (0, 1)]; p.flush()"
         subprocess.run([sys.executable, "-c", probe, bootstrap, topics[0]], check=True)
@@ -202,8 +202,8 @@ def run_join(bootstrap, rows, work: Path, rate: float, sync: float, model: str, 
 
 
 def serving_auc(serving: Path, held_out) -> float:
-    from headrace.runners.train_ctr import FIELDS
-    from headrace.runners.train_ctr_online import ServingCopy
+    from headrace.models.criteo import FIELDS
+    from headrace.runners.serving import ServingCopy
 
     copy = ServingCopy(serving)
     copy.refresh()

@@ -24,7 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 warnings.filterwarnings("ignore")
 
-from headrace.runners import mesh as mesh_lib  # noqa: E402
+from headrace.core import mesh as mesh_lib  # noqa: E402
 
 mesh_lib.configure_virtual_devices(9)
 
@@ -32,9 +32,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from headrace.models import spatial  # noqa: E402
+from headrace.models.optim import Adam  # noqa: E402
 from headrace.models.unet3d import UNet3D  # noqa: E402
-from headrace.runners.train_unet3d import _peak_bytes, devices, partition_for  # noqa: E402
-from headrace.runners.training import Adam  # noqa: E402
+from headrace.runners.train_unet3d import devices, partition_for, peak_bytes  # noqa: E402
 
 
 def measure(shape, channels, depth, parts, *, steps=3):
@@ -61,7 +61,7 @@ def measure(shape, channels, depth, parts, *, steps=3):
         return loss
 
     grads(x, y)
-    peak = _peak_bytes(grads, (x, y), parts, devs)
+    peak = peak_bytes(grads, (x, y), parts, devs)
     seconds = None
     if steps:
         step(x, y)  # trace

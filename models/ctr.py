@@ -25,7 +25,7 @@ from typing import Literal
 
 import tensorflow as tf
 
-from headrace.runners import mesh as mesh_lib
+from headrace.core import mesh as mesh_lib
 
 __all__ = ["MODELS", "CTRModel", "CTRModelConfig"]
 

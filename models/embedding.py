@@ -31,7 +31,12 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from headrace.models.criteo import CAT_FIELDS, FIELDS, INT_FIELDS
+
 __all__ = [
+    "CAT_FIELDS",
+    "FIELDS",
+    "INT_FIELDS",
     "CollisionlessTable",
     "cowclip",
     "criteo_ids",
@@ -58,8 +63,8 @@ def _salt(name: str) -> int:
     return h & ((1 << 63) - 1)
 
 
-_INT_SALTS = [_salt(f"I{k + 1}") for k in range(13)]
-_CAT_SALTS = [_salt(f"C{k + 1}") for k in range(26)]
+_INT_SALTS = [_salt(name) for name in INT_FIELDS]
+_CAT_SALTS = [_salt(name) for name in CAT_FIELDS]
 
 
 def _finish(h, present):
@@ -98,10 +103,10 @@ def serving_ids(fields: dict):
     Equal to `criteo_ids` on the ingested form of the same line. A non-integer in an integer field is
     treated as missing (serving must answer; ingest would have rejected the line).
     """
-    raw = tf.strings.strip(tf.stack([fields[f"I{k + 1}"] for k in range(13)], axis=1))  # [B, 13]
+    raw = tf.strings.strip(tf.stack([fields[name] for name in INT_FIELDS], axis=1))  # [B, 13]
     valid = tf.strings.regex_full_match(raw, r"-?[0-9]{1,18}")
     ints = tf.strings.to_number(tf.where(valid, raw, "0"), tf.int64)
-    cats = tf.stack([fields[f"C{k + 1}"] for k in range(26)], axis=1)  # [B, 26]
+    cats = tf.stack([fields[name] for name in CAT_FIELDS], axis=1)  # [B, 26]
     return tf.concat([_int_ids(ints, valid), _cat_ids(cats, tf.not_equal(cats, ""))], axis=1)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["accuracy", "auc", "logloss"]
+__all__ = ["accuracy", "auc", "dice", "logloss"]
 
 
 def auc(labels, scores, weights=None) -> float:
@@ -33,3 +33,10 @@ def logloss(labels, probabilities, weights=None, eps: float = 1e-7) -> float:
 
 def accuracy(labels, predictions) -> float:
     return float(np.mean(np.asarray(labels).ravel() == np.asarray(predictions).ravel()))
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice overlap of two masks (1 when both are empty)."""
+    p, t = pred.astype(bool), truth.astype(bool)
+    denom = p.sum() + t.sum()
+    return 1.0 if denom == 0 else float(2.0 * np.logical_and(p, t).sum() / denom)

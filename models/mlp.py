@@ -19,7 +19,7 @@ import dataclasses
 
 import tensorflow as tf
 
-from headrace.runners import mesh as mesh_lib
+from headrace.core import mesh as mesh_lib
 
 __all__ = ["MLP", "MLPConfig"]
 
@@ -53,6 +53,10 @@ class MLP(tf.Module):
         self.b1 = mesh_lib.variable(init((c.hidden,), 0, kind="zeros"), lay.get("b1"), name="b1")
         self.w2 = mesh_lib.variable(init((c.hidden, 1), c.seed + 3), lay.get("w2"), name="w2")
         self.b2 = mesh_lib.variable(init((1,), 0, kind="zeros"), lay.get("b2"), name="b2")
+
+    @property
+    def weights(self) -> list:
+        return [self.embedding, self.w1, self.b1, self.w2, self.b2]
 
     @staticmethod
     def layouts(mesh) -> dict:

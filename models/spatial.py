@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
-from headrace.runners.errors import ConfigError
+from headrace.core.errors import ConfigError
 
 __all__ = [
     "Partition",

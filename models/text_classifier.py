@@ -23,7 +23,7 @@ import dataclasses
 
 import tensorflow as tf
 
-from headrace.runners import mesh as mesh_lib
+from headrace.core import mesh as mesh_lib
 
 __all__ = ["TextClassifier", "TextClassifierConfig", "text_to_ids"]
 

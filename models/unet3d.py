@@ -113,7 +113,7 @@ class UNet3D(tf.Module):
 
     def check_shape(self, shape) -> None:
         """Raises a clear error when a [D, H, W] input cannot go through every pooling level."""
-        from headrace.runners.errors import ConfigError
+        from headrace.core.errors import ConfigError
 
         bad = [n for n in shape if n % self.multiple]
         if bad:

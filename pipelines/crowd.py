@@ -5,9 +5,10 @@
 
 The models and their EM updates are written down in `headrace.transforms.crowd_em`. The Beam structure:
 
-    ReadCsvBatches(A) -> Validate (-> rejected) -> classes, workers (sorted; side inputs)
-                      -> partition rows by hash(task) -> GroupByKey -> BuildChunks (dedup -> rejected)
-    chunks -> MajorityStats -> M-step -> [EStep -> M-step] x N -> Posteriors -> join task ids -> outputs
+    ReadTable(A) -> Vocabulary (classes, workers, groups from W; a side input)
+                 -> partition rows by hash(task) -> GroupByKey -> BuildChunks (dedup -> rejected)
+    chunks -> MajorityStats -> M-step -> [EStep -> M-step] x N -> Posteriors -> JoinByPartition -> outputs
+    every Rejected -> rejected.csv; counts -> report.json (read = used + rejected, per input file)
 
 Annotations are grouped by task once, into `partitions` chunks of CSR numpy arrays; every E-step maps over
 the chunks with the current parameters as a side input, and every M-step is a keyed combine of per-worker
@@ -19,43 +20,47 @@ marked converged and the remaining iterations pass them through without touching
 
 Outputs in ``--output``: labels.csv, posteriors.csv, annotators.csv, report.json, rejected.csv,
 resolved_config.json; for groupanno groups.csv and groups.png; with ``--tasks``, TFRecord shards
-``tasks-{train,eval}-*.tfrecord`` of (task, text, posterior) for ``headrace train crowd-classifier``.
+``tasks-{train,eval}-*.tfrecord`` of (task, text, posterior) for ``headrace train crowd-classifier``, with
+their spec.json (`crowd_task_spec`; `dataset` reads them).
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-from collections.abc import Iterable
 from typing import Literal
 
 import apache_beam as beam
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pcsv
-from apache_beam.io.filesystems import FileSystems
 
-from headrace.runners import config as config_lib
-from headrace.runners.beam_runner import WORK_DIR
-from headrace.runners.errors import ConfigError, InputError
+from headrace.core import config as config_lib
+from headrace.core.errors import ConfigError
+from headrace.core.outputs import WORK_DIR
 from headrace.transforms import crowd_em as em
 from headrace.transforms.columnar import (
     CsvBatch,
     ReadCsvBatches,
+    UnionStrings,
     check_header,
     partition,
-    string_hash,
     unique_strings,
 )
-from headrace.transforms.io import Rejected, WriteJson, match_files
-from headrace.transforms.tfrecord import Feature, FeatureSpec, WriteTFRecordShards
+from headrace.transforms.counting import NamedValues, ReasonCounts, SumArrays, Total, reconcile
+from headrace.transforms.crowd_chunks import BuildChunks, Vocab, group_table, make_vocab
+from headrace.transforms.crowd_outputs import annotator_rows, csv_rows, group_rows, plot_groups, task_outputs
+from headrace.transforms.io import Rejected, WriteJson, WriteTextWithHeader, match_files
+from headrace.transforms.tfrecord import (
+    Feature,
+    FeatureSpec,
+    WriteSpec,
+    WriteTFRecordShards,
+    output_dataset,
+    read_spec,
+)
+from headrace.transforms.validation import RejectEmptyFields
 
-__all__ = ["CrowdConfig", "build_crowd_labels", "crowd_task_spec"]
+__all__ = ["CrowdConfig", "build_crowd_labels", "crowd_task_spec", "dataset"]
 
 Method = Literal["majority_vote", "dawid_skene", "groupanno"]
-UNKNOWN_GROUP = "unknown"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +108,7 @@ def crowd_labels_groupanno() -> CrowdConfig:
 
 def crowd_task_spec(num_classes: int | None = None) -> FeatureSpec:
     """Records of the classifier shards. The writer does not know K when the graph is built, so the
-    posterior is written as a list; readers pass K to parse it as a fixed [K] vector."""
+    posterior is written as a list; spec.json, written once K is known, declares it a fixed [K] vector."""
     return FeatureSpec(
         "crowd_task",
         {
@@ -116,258 +121,87 @@ def crowd_task_spec(num_classes: int | None = None) -> FeatureSpec:
     )
 
 
-# -------------------------------------------------------------------------------------------------
-# Validation, vocabularies, groups
-# -------------------------------------------------------------------------------------------------
-
-
-class _Validate(beam.DoFn):
-    """Splits off rows with an empty field (a blank line reads as all fields empty)."""
-
-    REJECTED = "rejected"
-
-    def __init__(self, columns: tuple[str, ...]):
-        self._columns = columns
-
-    def process(self, batch: CsvBatch):
-        empty = np.stack(
-            [pc.equal(batch.table.column(c), "").to_numpy(zero_copy_only=False) for c in self._columns]
-        )  # [columns, rows]
-        bad = empty.any(axis=0)
-        if not bad.any():
-            yield batch
-            return
-        texts = batch.take(np.flatnonzero(bad)).row_texts()
-        for i, text in zip(np.flatnonzero(bad), texts):
-            if empty[:, i].all():
-                reason = "blank line"
-            else:
-                reason = "empty " + ", ".join(c for c, e in zip(self._columns, empty[:, i]) if e)
-            yield beam.pvalue.TaggedOutput(
-                self.REJECTED, Rejected(batch.path, int(batch.lines[i]), reason, text)
-            )
-        if not bad.all():
-            yield batch.take(np.flatnonzero(~bad))
-
-
-class UnionStrings(beam.CombineFn):
-    """Distinct strings of many Arrow arrays, sorted (the class and worker vocabularies)."""
-
-    def create_accumulator(self):
-        return []
-
-    def add_input(self, acc, values):
-        acc.append(values)
-        if len(acc) > 64:
-            acc[:] = [unique_strings(pa.chunked_array(acc, type=pa.string()))]
-        return acc
-
-    def merge_accumulators(self, accs):
-        return [a for acc in accs for a in acc]
-
-    def extract_output(self, acc):
-        if not acc:
-            return pa.array([], type=pa.string())
-        return unique_strings(pa.chunked_array(acc, type=pa.string()))
-
-
-@dataclasses.dataclass
-class Vocab:
-    """Classes, workers and groups, with each worker's group index."""
-
-    classes: list[str]
-    workers: pa.Array
-    groups: list[str]
-    worker_groups: np.ndarray  # int32 [W]
-    unknown_group_workers: int
-
-
-def _vocab(classes: pa.Array, workers: pa.Array, group_table: dict | None) -> Vocab:
-    names = workers.to_pylist()
-    if group_table is None:
-        return Vocab(classes.to_pylist(), workers, ["all"], np.zeros(len(names), np.int32), 0)
-    groups = sorted(set(group_table.values()))
-    unknown = [w for w in names if w not in group_table]
-    if unknown:
-        groups.append(UNKNOWN_GROUP) if UNKNOWN_GROUP not in groups else None
-    index = {g: i for i, g in enumerate(groups)}
-    worker_groups = np.array([index[group_table.get(w, UNKNOWN_GROUP)] for w in names], np.int32)
-    return Vocab(classes.to_pylist(), workers, groups, worker_groups, len(unknown))
-
-
-class _Collect(beam.CombineFn):
-    """Gathers small CsvBatches (the annotators file) into one list."""
-
-    def create_accumulator(self):
-        return []
-
-    def add_input(self, acc, batch):
-        acc.append(batch)
-        return acc
-
-    def merge_accumulators(self, accs):
-        return [b for acc in accs for b in acc]
-
-    def extract_output(self, acc):
-        return acc
-
-
-def _group_table(batches: list[CsvBatch]) -> tuple[dict, list[Rejected]]:
-    """worker -> group from the annotators file; a repeated worker keeps its first line."""
-    rows = []
-    for b in batches:
-        rows += [
-            (b.path, int(line), w, g)
-            for line, w, g in zip(
-                b.lines, b.table.column("worker").to_pylist(), b.table.column("group").to_pylist()
-            )
-        ]
-    rows.sort()
-    table, first, rejected = {}, {}, []
-    for path, line, worker, group in rows:
-        if worker in table:
-            p0, l0 = first[worker]
-            rejected.append(
-                Rejected(path, line, f"duplicate worker (first at {p0}:{l0})", f"{worker},{group}")
-            )
-            continue
-        table[worker] = group
-        first[worker] = (path, line)
-    return table, rejected
+def dataset(out: str, split: str, batch_size: int, **kwargs):
+    """Batched classifier records of ``OUT/tasks-{split}-*.tfrecord`` (``train`` or ``eval``):
+    ``{"task", "text", "posterior" [B, K], "label", "truth"}``, K read from the output's spec.json."""
+    prefix = f"tasks-{split}"
+    shape = read_spec(out, prefix).features["posterior"].shape
+    return output_dataset(out, prefix, batch_size, crowd_task_spec(shape[0] if shape else None), **kwargs)
 
 
 # -------------------------------------------------------------------------------------------------
-# Grouping by task into chunks
+# Composite steps
 # -------------------------------------------------------------------------------------------------
 
 
-def _concat(batches: Iterable[CsvBatch]) -> tuple[pa.Table, np.ndarray, list[str], np.ndarray]:
-    batches = list(batches)
-    paths = sorted({b.path for b in batches})
-    index = {p: i for i, p in enumerate(paths)}
-    table = pa.concat_tables([b.table for b in batches])
-    lines = np.concatenate([b.lines for b in batches])
-    path_idx = np.concatenate([np.full(b.num_rows, index[b.path], np.int32) for b in batches])
-    return table, lines, paths, path_idx
+@beam.ptransform_fn
+def ReadTable(pbegin, path: str, columns: list[str], flag: str):
+    """A CSV file's rows with every column non-empty: ``{"ok": CsvBatch, "malformed": Rejected (field
+    count, blank line), "empty": Rejected (an empty field), "rows": rows parsed}``."""
+    read = pbegin | "Read" >> ReadCsvBatches(path, columns, flag=flag)
+    valid = read.batches | "RejectEmpty" >> beam.ParDo(RejectEmptyFields(columns)).with_outputs(
+        RejectEmptyFields.REJECTED, main="ok"
+    )
+    return {
+        "ok": valid.ok,
+        "malformed": read.rejected,
+        "empty": valid[RejectEmptyFields.REJECTED],
+        "rows": read.batches | "Rows" >> Total(lambda b: b.num_rows),
+    }
 
 
-def pd_to_float(column) -> np.ndarray:
-    """A string column as float64 (NaN where it is not a number)."""
-    values = column.to_pylist()
-    out = np.empty(len(values))
-    for i, v in enumerate(values):
-        try:
-            out[i] = float(v)
-        except ValueError:
-            out[i] = np.nan
-    return out
+@beam.ptransform_fn
+@beam.typehints.with_input_types(CsvBatch)
+@beam.typehints.with_output_types(Vocab)
+def Vocabulary(batches, groups=None):
+    """Annotation batches -> the single `Vocab` (sorted classes and workers, each worker's group from the
+    ``worker -> group`` singleton `groups`, if any)."""
+    classes = (
+        batches
+        | "Labels" >> beam.Map(lambda b: unique_strings(b.table.column("label")))
+        | "Classes" >> beam.CombineGlobally(UnionStrings())
+    )
+    workers = (
+        batches
+        | "WorkerNames" >> beam.Map(lambda b: unique_strings(b.table.column("worker")))
+        | "Workers" >> beam.CombineGlobally(UnionStrings())
+    )
+    side = [beam.pvalue.AsSingleton(groups)] if groups is not None else []
+    return classes | "Vocab" >> beam.Map(
+        lambda c, w, g=None: make_vocab(c, w, g), beam.pvalue.AsSingleton(workers), *side
+    )
 
 
-def _sorted_runs(values: pa.Array) -> np.ndarray:
-    """For an array sorted so that equal values are adjacent: True where a new run starts."""
-    n = len(values)
-    starts = np.ones(n, dtype=bool)
-    if n > 1:
-        starts[1:] = pc.not_equal(values.slice(1), values.slice(0, n - 1)).to_numpy(zero_copy_only=False)
-    return starts
-
-
-class _BuildChunk(beam.DoFn):
-    """One task partition -> a Chunk, its task ids, and rejected duplicate (task, worker) pairs."""
-
-    TASKS, REJECTED, USED, PRIORS_USED = "tasks", "rejected", "used", "priors_used"
-
-    def __init__(self, work_dir: str):
-        self._work_dir = work_dir
-
-    def process(self, element, vocab: Vocab):
-        part, tagged = element
-        batches = [b for kind, b in tagged if kind == "a"]
-        prior_batches = [b for kind, b in tagged if kind == "p"]
-        if not batches:  # only priors fell into this partition: their tasks have no annotations
-            for b in prior_batches:
-                for line, text in zip(b.lines, b.row_texts()):
-                    yield beam.pvalue.TaggedOutput(
-                        self.REJECTED, Rejected(b.path, int(line), "task has no annotations", text)
-                    )
-            return
-        table, lines, paths, path_idx = _concat(batches)
-        table = table.append_column("_path", pa.array(path_idx)).append_column("_line", pa.array(lines))
-        order = pc.sort_indices(
-            table,
-            sort_keys=[
-                ("task", "ascending"),
-                ("worker", "ascending"),
-                ("_path", "ascending"),
-                ("_line", "ascending"),
-            ],
+@beam.ptransform_fn
+@beam.typehints.with_input_types(em.ChunkRef)
+def RunEM(chunks, vocab_si, settings: em.EMSettings, iterations: int):
+    """Chunk references -> the final `em.Params`: majority-vote initialisation, then `iterations`
+    E-steps (a ParDo over the chunks) and M-steps (a keyed combine of their statistics), unrolled."""
+    # The chunk references plus one sentinel, from one producer: Flink's job server (Beam 2.62) fails on a
+    # Flatten feeding ParDos whose side inputs derive from its own output ("A PCollectionNode should have
+    # exactly one producing PTransformNode"). The Reshuffle spreads the references over workers again.
+    carried = (
+        chunks
+        | "ChunkList" >> beam.combiners.ToList()
+        | "WithSentinel" >> beam.FlatMap(lambda refs: [*refs, em.SENTINEL])
+        | "SpreadChunks" >> beam.Reshuffle()
+    )
+    stats = (
+        carried
+        | "MajorityStats" >> beam.ParDo(em.EMStep(settings, majority=True), vocab_si)
+        | "CombineInit" >> beam.CombinePerKey(em.StatsFn())
+    )
+    for t in range(1, iterations + 1):
+        stats = (
+            carried
+            | f"EStep{t}" >> beam.ParDo(em.EMStep(settings), vocab_si, beam.pvalue.AsList(stats))
+            | f"MStep{t}" >> beam.CombinePerKey(em.StatsFn())
         )
-        table = table.take(order)
-        tasks = table.column("task").combine_chunks()
-        workers = table.column("worker").combine_chunks()
-        new_task = _sorted_runs(tasks)
-        pair_start = new_task | _sorted_runs(workers)
-        dup = ~pair_start
-        if dup.any():
-            first = np.maximum.accumulate(np.where(pair_start, np.arange(len(dup)), 0))
-            t_path = table.column("_path").to_numpy()
-            t_line = table.column("_line").to_numpy()
-            labels_py = table.column("label").to_pylist()
-            for i in np.flatnonzero(dup):
-                j = first[i]
-                text = f"{tasks[i].as_py()},{workers[i].as_py()},{labels_py[i]}"
-                reason = f"duplicate task/worker pair (first at {paths[t_path[j]]}:{t_line[j]})"
-                yield beam.pvalue.TaggedOutput(
-                    self.REJECTED, Rejected(paths[t_path[i]], int(t_line[i]), reason, text)
-                )
-            keep = pa.array(np.flatnonzero(pair_start))
-            table = table.take(keep)
-            tasks, workers, new_task = tasks.take(keep), workers.take(keep), new_task[pair_start]
-        codes = np.cumsum(new_task) - 1
-        worker_idx = pc.index_in(workers, value_set=vocab.workers).to_numpy()
-        label_idx = pc.index_in(table.column("label"), value_set=pa.array(vocab.classes, pa.string()))
-        label_idx = (
-            label_idx.combine_chunks().to_numpy()
-            if hasattr(label_idx, "combine_chunks")
-            else label_idx.to_numpy()
-        )
-        task_ids = tasks.filter(pa.array(new_task))
-        log_prior = None
-        if prior_batches:
-            log_prior = np.full((len(task_ids), len(vocab.classes)), np.nan)
-            for b in prior_batches:
-                yield from self._priors(b, task_ids, vocab.classes, log_prior)
-        chunk = em.build_chunk(int(part), codes, worker_idx, label_idx, len(vocab.classes), log_prior)
-        yield em.store_chunk(chunk, self._work_dir)
-        yield beam.pvalue.TaggedOutput(self.TASKS, (int(part), task_ids))
-        yield beam.pvalue.TaggedOutput(self.USED, chunk.num_annotations)
-
-    def _priors(self, batch: CsvBatch, task_ids: pa.Array, classes: list[str], log_prior: np.ndarray):
-        """Fills log_prior rows from a --task-priors batch (task, one probability column per class)."""
-        missing = [c for c in classes if c not in batch.table.column_names]
-        if missing:
-            raise InputError(f"--task-priors {batch.path}: no column for class(es) {', '.join(missing)}")
-        pos = pc.index_in(batch.table.column("task"), value_set=task_ids).fill_null(-1).to_numpy()
-        probs = np.full((batch.num_rows, len(classes)), np.nan)
-        for k, c in enumerate(classes):
-            probs[:, k] = pd_to_float(batch.table.column(c))
-        bad = ~np.isfinite(probs).all(axis=1) | (probs < 0).any(axis=1) | (probs.sum(axis=1) <= 0)
-        texts = batch.row_texts()
-        for i in np.flatnonzero((pos < 0) | bad):
-            reason = "task has no annotations" if pos[i] < 0 else "probabilities: not non-negative numbers"
-            yield beam.pvalue.TaggedOutput(
-                self.REJECTED, Rejected(batch.path, int(batch.lines[i]), reason, texts[i])
-            )
-        ok = (pos >= 0) & ~bad
-        p = probs[ok] / probs[ok].sum(axis=1, keepdims=True)
-        # A classifier's 0 must not veto the crowd: floor the prior at 1e-4 before taking logs.
-        log_prior[pos[ok]] = np.log(np.maximum(p, 1e-4))
-        yield beam.pvalue.TaggedOutput(self.PRIORS_USED, int(ok.sum()))
-
-
-# -------------------------------------------------------------------------------------------------
-# The EM iterations
-# -------------------------------------------------------------------------------------------------
+    return (
+        chunks.pipeline
+        | "Once" >> beam.Create([None])
+        | "FinalParams" >> beam.Map(_final_params, beam.pvalue.AsList(stats), vocab_si, settings)
+    )
 
 
 def _settings(config: CrowdConfig) -> em.EMSettings:
@@ -420,201 +254,47 @@ class _Posteriors(beam.DoFn):
 
 
 # -------------------------------------------------------------------------------------------------
-# Outputs
+# The report
 # -------------------------------------------------------------------------------------------------
-
-
-def _arrow_csv(columns: dict) -> str:
-    """Rows as CSV text by Arrow's C++ writer (floats in shortest round-trip form), without a header:
-    1M rows in well under a second where csv.writer takes seconds. Values are quoted only if a value
-    holds a comma, quote or newline (Arrow's "needed" style would quote every string)."""
-    table = pa.table(columns)
-    for style in ("none", "needed"):
-        sink = io.BytesIO()
-        try:
-            pcsv.write_csv(table, sink, pcsv.WriteOptions(include_header=False, quoting_style=style))
-        except pa.ArrowInvalid:  # a value needs quoting
-            continue
-        return sink.getvalue().decode("utf-8").rstrip("\n")
-    raise AssertionError("unreachable: the 'needed' style always succeeds")
-
-
-def _csv_rows(rows: Iterable[Iterable]) -> str:
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerows(rows)
-    return buf.getvalue().rstrip("\n")
-
-
-def _task_outputs(element, vocab: Vocab, config: CrowdConfig):
-    """Per partition: labels.csv / posteriors.csv text, classifier records, truth counts, T rejects."""
-    _, groups = element
-    if not groups["q"]:
-        for batch in groups["text"]:  # tasks with text but no annotation
-            for line, text in zip(batch.lines, batch.row_texts()):
-                yield beam.pvalue.TaggedOutput(
-                    "rejected", Rejected(batch.path, int(line), "task has no annotations", text)
-                )
-        for batch in groups["truth"]:
-            yield beam.pvalue.TaggedOutput("truth_unmatched", batch.num_rows)
-        return
-    (q,), (tasks,) = groups["q"], groups["tasks"]
-    names = tasks.to_pylist()
-    labels = np.argmax(q, axis=1)
-    class_set = pa.array(vocab.classes, pa.string())
-    yield beam.pvalue.TaggedOutput(
-        "labels",
-        _arrow_csv({"task": tasks, "label": class_set.take(pa.array(labels)), "confidence": q.max(axis=1)}),
-    )
-    yield beam.pvalue.TaggedOutput(
-        "posteriors", _arrow_csv({"task": tasks, **{f"p{k}": q[:, k] for k in range(q.shape[1])}})
-    )
-    truth_idx = np.full(len(names), -1, dtype=np.int64)  # -1: no truth given for the task
-    for batch in groups["truth"]:
-        pos = pc.index_in(batch.table.column("task"), value_set=tasks).fill_null(-1).to_numpy()
-        cls = pc.index_in(batch.table.column("label"), value_set=class_set).fill_null(-2).to_numpy()
-        truth_idx[pos[pos >= 0]] = cls[pos >= 0]  # -2: a true class no annotator ever gave
-        yield beam.pvalue.TaggedOutput("truth_unmatched", int((pos < 0).sum()))
-    matched = truth_idx != -1
-    if matched.any():
-        correct = int((labels[matched] == truth_idx[matched]).sum())
-        yield beam.pvalue.TaggedOutput(
-            "truth_stats", np.array([correct, int(matched.sum())], dtype=np.float64)
-        )
-    texts = [None] * len(names)
-    for batch in groups["text"]:
-        pos = pc.index_in(batch.table.column("task"), value_set=tasks).fill_null(-1).to_numpy()
-        for i, line, text, raw in zip(
-            pos, batch.lines, batch.table.column("text").to_pylist(), batch.row_texts()
-        ):
-            if i < 0:
-                yield beam.pvalue.TaggedOutput(
-                    "rejected", Rejected(batch.path, int(line), "task has no annotations", raw)
-                )
-            elif texts[i] is not None:
-                yield beam.pvalue.TaggedOutput(
-                    "rejected", Rejected(batch.path, int(line), "duplicate task", raw)
-                )
-            else:
-                texts[i] = text
-    is_eval = (string_hash(tasks) % np.uint64(10_000)).astype(np.int64) < config.eval_fraction * 10_000
-    for i, (name, text) in enumerate(zip(names, texts)):
-        if text is None:
-            continue
-        record = {
-            "task": name,
-            "text": text,
-            "posterior": q[i].astype(np.float32),
-            "label": int(labels[i]),
-            "truth": int(truth_idx[i]) if truth_idx[i] >= 0 else -1,
-        }
-        split = "eval" if is_eval[i] else "train"
-        yield beam.pvalue.TaggedOutput(split, record)
-
-
-def _annotator_rows(element, vocab: Vocab, buckets: int) -> str:
-    (_, bucket), (_, stats) = element  # stats [Wb, 1, 2]: sum of q(label), number of labels
-    idx = np.arange(len(stats)) * buckets + bucket
-    rows = []
-    for i, (s, n) in zip(idx, stats[:, 0, :]):
-        if n > 0 and i < len(vocab.workers):
-            rows.append(
-                (
-                    vocab.workers[int(i)].as_py(),
-                    vocab.groups[vocab.worker_groups[i]],
-                    int(n),
-                    f"{s / n:.6g}",
-                )
-            )
-    return _csv_rows(rows)
-
-
-def _group_rows(params: em.Params, vocab: Vocab) -> Iterable[str]:
-    if params is None or params.group_matrix is None:
-        return []
-    rows = []
-    for g, name in enumerate(vocab.groups):
-        for k, true in enumerate(vocab.classes):
-            for l, given in enumerate(vocab.classes):
-                rows.append((name, true, given, f"{params.group_matrix[g, k, l]:.6g}"))
-    return [_csv_rows(rows)] if rows else []
-
-
-def _plot_groups(params: em.Params, vocab: Vocab, path: str) -> None:
-    if params is None or params.group_matrix is None or not vocab.classes:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(vocab.groups)
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n + 0.8, 3.4), squeeze=False)
-    for ax, name, mat, tau in zip(axes[0], vocab.groups, params.group_matrix, params.group_strength):
-        im = ax.imshow(mat, vmin=0, vmax=1, cmap="viridis")
-        ax.set_title(f"{name} (tau={tau:.3g})", fontsize=9)
-        ax.set_xticks(range(len(vocab.classes)), vocab.classes, rotation=45, fontsize=7)
-        ax.set_yticks(range(len(vocab.classes)), vocab.classes, fontsize=7)
-        ax.set_xlabel("given label")
-        if ax is axes[0][0]:
-            ax.set_ylabel("true class")
-        for (k, l), v in np.ndenumerate(mat):
-            ax.text(
-                l,
-                k,
-                f"{v:.2f}",
-                ha="center",
-                va="center",
-                fontsize=7,
-                color="w" if v < 0.6 else "k",
-            )
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
-    fig.suptitle("GroupAnno group confusion matrices P(given | true)")
-    with FileSystems.create(path) as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
 
 
 def _report(
     counts: dict, params, vocab: Vocab, config: CrowdConfig, reasons: dict, truth: np.ndarray | None
 ) -> dict:
-    read, used, rejected = counts.get("read", 0), counts.get("used", 0), counts.get("rejected", 0)
-    if read != used + rejected:
-        raise RuntimeError(
-            f"annotation counts do not reconcile: read {read} != used {used} + rejected {rejected}"
-        )
+    c = _fold_counts(counts)
+    reconcile(c, "read", ("used", "rejected"), "annotation counts")
     report = {
         "method": config.method,
         "classes": vocab.classes,
-        "read": read,
-        "used": used,
-        "rejected": rejected,
+        "read": c["read"],
+        "used": c.get("used", 0),
+        "rejected": c.get("rejected", 0),
         "rejected_reasons": dict(sorted(reasons.items())),
-        "tasks": counts.get("tasks", 0),
+        "tasks": c.get("tasks", 0),
         "workers": len(vocab.workers),
         "unknown_group_workers": vocab.unknown_group_workers,
     }
     if config.annotators:
         report["annotators_file"] = {
-            "read": counts.get("w_read", 0),
-            "used": counts.get("w_read", 0) - counts.get("w_rejected", 0),
-            "rejected": counts.get("w_rejected", 0),
+            "read": c["w_read"],
+            "used": c["w_read"] - c["w_rejected"],
+            "rejected": c["w_rejected"],
         }
     if config.tasks:
-        report["tasks_file"] = {
-            "read": counts.get("t_read", 0),
-            "written": counts.get("t_train", 0) + counts.get("t_eval", 0),
-            "train": counts.get("t_train", 0),
-            "eval": counts.get("t_eval", 0),
-            "rejected": counts.get("t_rejected", 0),
+        t = {
+            "read": c["t_read"],
+            "written": c.get("t_train", 0) + c.get("t_eval", 0),
+            "train": c.get("t_train", 0),
+            "eval": c.get("t_eval", 0),
+            "rejected": c["t_rejected"],
         }
-        t = report["tasks_file"]
-        if t["read"] != t["written"] + t["rejected"]:
-            raise RuntimeError(f"task file counts do not reconcile: {t}")
+        reconcile(t, "read", ("written", "rejected"), "task file counts")
+        report["tasks_file"] = t
     if config.task_priors:
         report["task_priors_file"] = {
-            "read": counts.get("p_read", 0),
-            "used": counts.get("p_used", 0),
-            "rejected": counts.get("p_read", 0) - counts.get("p_used", 0),
+            "read": c["p_read"],
+            "used": c.get("p_used", 0),
+            "rejected": c["p_read"] - c.get("p_used", 0),
         }
     if config.method != "majority_vote" and params is not None:
         report["iterations"] = params.iteration
@@ -634,19 +314,23 @@ def _report(
         report["truth"] = {
             "tasks": int(truth[1]),
             "accuracy": float(truth[0] / truth[1]),
-            "unmatched": counts.get("truth_unmatched", 0),
+            "unmatched": c.get("truth_unmatched", 0),
         }
     return report
 
 
-def _count(pcoll, label: str, weight=None):
-    """Sum of `weight(element)` (1 per element by default) as a single-element PCollection."""
-    mapped = pcoll | f"{label}Weights" >> beam.Map(weight or (lambda _: 1))
-    return mapped | f"{label}Sum" >> beam.CombineGlobally(sum)
+def _fold_counts(c: dict) -> dict:
+    """Derived counts: every file's rows read (parsed + malformed) and rejected."""
+    c = dict(c)
+    for f in ("", "w_", "t_", "p_"):
+        c[f"{f}read"] = c.get(f"{f}read", 0) + c.get(f"{f}malformed", 0)
+    c["w_rejected"] = c.get("w_malformed", 0) + c.get("w_empty", 0) + c.get("w_dups", 0)
+    c["t_rejected"] = c.get("t_malformed", 0) + c.get("t_empty", 0) + c.get("t_rejected_join", 0)
+    return c
 
 
 def _rejected_rows(rejected: Rejected) -> str:
-    return _csv_rows([(rejected.source, rejected.line, rejected.reason, rejected.text)])
+    return csv_rows([(rejected.source, rejected.line, rejected.reason, rejected.text)])
 
 
 # -------------------------------------------------------------------------------------------------
@@ -675,56 +359,30 @@ def build_crowd_labels(pipeline: beam.Pipeline, config: CrowdConfig) -> dict:
     out = config.output.rstrip("/")
     P = config.partitions
 
-    read = pipeline | "ReadAnnotations" >> ReadCsvBatches(
-        config.annotations, ["task", "worker", "label"], flag="--annotations"
+    annotations = pipeline | "Annotations" >> ReadTable(
+        config.annotations, ["task", "worker", "label"], "--annotations"
     )
-    valid = read.batches | "Validate" >> beam.ParDo(_Validate(("task", "worker", "label"))).with_outputs(
-        _Validate.REJECTED, main="ok"
-    )
-    batches = valid.ok
-    classes = (
-        batches
-        | "Labels" >> beam.Map(lambda b: unique_strings(b.table.column("label")))
-        | "Classes" >> beam.CombineGlobally(UnionStrings())
-    )
-    workers = (
-        batches
-        | "WorkerNames" >> beam.Map(lambda b: unique_strings(b.table.column("worker")))
-        | "Workers" >> beam.CombineGlobally(UnionStrings())
-    )
-
-    rejected_parts = [read.rejected, valid[_Validate.REJECTED]]
-    counts = {
-        "read": _count(read.batches, "ReadRows", lambda b: b.num_rows),
-        "read_malformed": _count(read.rejected, "ReadMalformed"),
-    }
+    batches = annotations["ok"]
+    rejected_parts = [annotations["malformed"], annotations["empty"]]
+    counts = {"read": annotations["rows"], "malformed": annotations["malformed"] | "Malformed" >> Total()}
+    groups = None
     if config.annotators:
-        wread = pipeline | "ReadAnnotators" >> ReadCsvBatches(
-            config.annotators, ["worker", "group"], flag="--annotators"
+        workers = pipeline | "Annotators" >> ReadTable(config.annotators, ["worker", "group"], "--annotators")
+        table = (
+            workers["ok"]
+            | "CollectAnnotators" >> beam.combiners.ToList()
+            | "GroupTable" >> beam.Map(group_table)
         )
-        wvalid = wread.batches | "ValidateAnnotators" >> beam.ParDo(
-            _Validate(("worker", "group"))
-        ).with_outputs(_Validate.REJECTED, main="ok")
-        wtable = (
-            wvalid.ok
-            | "CollectAnnotators" >> beam.CombineGlobally(_Collect())
-            | "GroupTable" >> beam.Map(_group_table)
+        groups = table | "Table" >> beam.Map(lambda t: t[0])
+        dups = table | "DuplicateWorkers" >> beam.FlatMap(lambda t: t[1])
+        rejected_parts += [workers["malformed"], workers["empty"], dups]
+        counts.update(
+            w_read=workers["rows"],
+            w_malformed=workers["malformed"] | "WMalformed" >> Total(),
+            w_empty=workers["empty"] | "WEmpty" >> Total(),
+            w_dups=dups | "WDups" >> Total(),
         )
-        group_table = wtable | "Table" >> beam.Map(lambda t: t[0])
-        wdups = wtable | "DuplicateWorkers" >> beam.FlatMap(lambda t: t[1])
-        rejected_parts += [wread.rejected, wvalid[_Validate.REJECTED], wdups]
-        counts["w_read"] = _count(wread.batches, "WRows", lambda b: b.num_rows)
-        counts["w_malformed"] = _count(wread.rejected, "WMalformed")
-        counts["w_empty"] = _count(wvalid[_Validate.REJECTED], "WEmpty")
-        counts["w_dups"] = _count(wdups, "WDups")
-        group_si = beam.pvalue.AsSingleton(group_table)
-    else:
-        group_si = None
-    vocab = classes | "Vocab" >> beam.Map(
-        lambda c, w, g=None: _vocab(c, w, g),
-        beam.pvalue.AsSingleton(workers),
-        *([group_si] if group_si else []),
-    )
+    vocab = batches | "Vocabulary" >> Vocabulary(groups)
     vocab_si = beam.pvalue.AsSingleton(vocab)
 
     # Group by task once: rows hash-partitioned by task, one chunk per partition.
@@ -737,8 +395,8 @@ def build_crowd_labels(pipeline: beam.Pipeline, config: CrowdConfig) -> dict:
         )
         pread = pipeline | "ReadPriors" >> ReadCsvBatches(config.task_priors, header, flag="--task-priors")
         rejected_parts.append(pread.rejected)
-        counts["p_read"] = _count(pread.batches, "PRows", lambda b: b.num_rows)
-        counts["p_malformed"] = _count(pread.rejected, "PMalformed")
+        counts["p_read"] = pread.batches | "PRows" >> Total(lambda b: b.num_rows)
+        counts["p_malformed"] = pread.rejected | "PMalformed" >> Total()
         priors = pread.batches | "PartitionPriors" >> beam.FlatMap(
             lambda b, n: ((p, ("p", sub)) for p, sub in partition(b, "task", n)), P
         )
@@ -747,78 +405,48 @@ def build_crowd_labels(pipeline: beam.Pipeline, config: CrowdConfig) -> dict:
         partitioned
         | "GroupByTask" >> beam.GroupByKey()
         | "BuildChunks"
-        >> beam.ParDo(_BuildChunk(f"{out}/{WORK_DIR}/chunks"), vocab_si).with_outputs(
-            _BuildChunk.TASKS, _BuildChunk.REJECTED, _BuildChunk.USED, _BuildChunk.PRIORS_USED, main="chunks"
+        >> beam.ParDo(BuildChunks(f"{out}/{WORK_DIR}/chunks"), vocab_si).with_outputs(
+            BuildChunks.TASKS, BuildChunks.REJECTED, BuildChunks.USED, BuildChunks.PRIORS_USED, main="chunks"
         )
     )
     chunks = chunked.chunks
-    rejected_parts.append(chunked[_BuildChunk.REJECTED])
-    counts["used"] = _count(chunked[_BuildChunk.USED], "Used", lambda n: n)
-    counts["tasks"] = _count(chunks, "Tasks", lambda c: c.num_tasks)
+    rejected_parts.append(chunked[BuildChunks.REJECTED])
+    counts["used"] = chunked[BuildChunks.USED] | "Used" >> Total(lambda n: n)
+    counts["tasks"] = chunks | "Tasks" >> Total(lambda c: c.num_tasks)
     if config.task_priors:
-        counts["p_used"] = _count(chunked[_BuildChunk.PRIORS_USED], "PUsed", lambda n: n)
+        counts["p_used"] = chunked[BuildChunks.PRIORS_USED] | "PUsed" >> Total(lambda n: n)
 
-    # EM: each iteration is one ParDo over the chunks and one keyed combine of its statistics.
     params = None
     if config.method != "majority_vote":
-        settings = _settings(config)
-        # The chunk references plus one sentinel, from one producer: Flink's job server (Beam 2.62)
-        # fails on a Flatten feeding ParDos whose side inputs derive from its own output ("A
-        # PCollectionNode should have exactly one producing PTransformNode"). The Reshuffle spreads
-        # the references over workers again.
-        carried = (
-            chunks
-            | "ChunkList" >> beam.combiners.ToList()
-            | "WithSentinel" >> beam.FlatMap(lambda refs: [*refs, em.SENTINEL])
-            | "SpreadChunks" >> beam.Reshuffle()
-        )
-        stats = (
-            carried
-            | "MajorityStats" >> beam.ParDo(em.EMStep(settings, majority=True), vocab_si)
-            | "CombineInit" >> beam.CombinePerKey(em.StatsFn())
-        )
-        for t in range(1, config.iterations + 1):
-            stats = (
-                carried
-                | f"EStep{t}" >> beam.ParDo(em.EMStep(settings), vocab_si, beam.pvalue.AsList(stats))
-                | f"MStep{t}" >> beam.CombinePerKey(em.StatsFn())
-            )
-        params = (
-            pipeline
-            | "Once" >> beam.Create([None])
-            | "FinalParams" >> beam.Map(_final_params, beam.pvalue.AsList(stats), vocab_si, settings)
-        )
-    params_si = beam.pvalue.AsSingleton(params) if params is not None else None
+        params = chunks | "EM" >> RunEM(vocab_si, _settings(config), config.iterations)
+    params_si = [beam.pvalue.AsSingleton(params)] if params is not None else []
     final = chunks | "Posteriors" >> beam.ParDo(
-        _Posteriors(config.method, config.worker_buckets),
-        vocab_si,
-        *([params_si] if params_si else []),
+        _Posteriors(config.method, config.worker_buckets), vocab_si, *params_si
     ).with_outputs(_Posteriors.ACCURACY, main="q")
 
     # Join posteriors with task ids (and texts, truth) per partition.
-    join = {"q": final.q, "tasks": chunked[_BuildChunk.TASKS]}
+    join = {"q": final.q, "tasks": chunked[BuildChunks.TASKS]}
     for name, path, columns, flag in (
         ("text", config.tasks, ["task", "text"], "--tasks"),
         ("truth", config.truth, ["task", "label"], "--truth"),
     ):
-        if path:
-            r = pipeline | f"Read{name.title()}" >> ReadCsvBatches(path, columns, flag=flag)
-            v = r.batches | f"Validate{name.title()}" >> beam.ParDo(_Validate(tuple(columns))).with_outputs(
-                _Validate.REJECTED, main="ok"
-            )
-            join[name] = v.ok | f"Partition{name.title()}" >> beam.FlatMap(partition, "task", P)
-            if name == "text":
-                rejected_parts += [r.rejected, v[_Validate.REJECTED]]
-                counts["t_read"] = _count(r.batches, "TRows", lambda b: b.num_rows)
-                counts["t_malformed"] = _count(r.rejected, "TMalformed")
-                counts["t_empty"] = _count(v[_Validate.REJECTED], "TEmpty")
-        else:
+        if not path:
             join[name] = pipeline | f"No{name.title()}" >> beam.Create([])
+            continue
+        table = pipeline | name.title() >> ReadTable(path, columns, flag)
+        join[name] = table["ok"] | f"Partition{name.title()}" >> beam.FlatMap(partition, "task", P)
+        if name == "text":
+            rejected_parts += [table["malformed"], table["empty"]]
+            counts.update(
+                t_read=table["rows"],
+                t_malformed=table["malformed"] | "TMalformed" >> Total(),
+                t_empty=table["empty"] | "TEmpty" >> Total(),
+            )
     outputs = (
         join
         | "JoinByPartition" >> beam.CoGroupByKey()
         | "TaskOutputs"
-        >> beam.ParDo(_task_outputs, vocab_si, config).with_outputs(
+        >> beam.ParDo(task_outputs, vocab_si, config.eval_fraction).with_outputs(
             "labels", "posteriors", "train", "eval", "rejected", "truth_stats", "truth_unmatched"
         )
     )
@@ -827,63 +455,64 @@ def build_crowd_labels(pipeline: beam.Pipeline, config: CrowdConfig) -> dict:
     outputs.labels | "WriteLabels" >> beam.io.WriteToText(
         f"{out}/labels.csv", shard_name_template="", header="task,label,confidence"
     )
-    posterior_header = vocab | "PosteriorHeader" >> beam.Map(lambda v: _csv_rows([["task", *v.classes]]))
-    outputs.posteriors | "WritePosteriors" >> _WriteWithHeader(f"{out}/posteriors.csv", posterior_header)
-    accuracy = (
+    posterior_header = vocab | "PosteriorHeader" >> beam.Map(lambda v: csv_rows([["task", *v.classes]]))
+    outputs.posteriors | "WritePosteriors" >> WriteTextWithHeader(f"{out}/posteriors.csv", posterior_header)
+    (
         final[_Posteriors.ACCURACY]
         | "AccuracySums" >> beam.CombinePerKey(em.StatsFn())
-        | "AnnotatorRows" >> beam.Map(_annotator_rows, vocab_si, config.worker_buckets)
+        | "AnnotatorRows" >> beam.Map(annotator_rows, vocab_si, config.worker_buckets)
         | "NonEmpty" >> beam.Filter(bool)
-    )
-    accuracy | "WriteAnnotators" >> beam.io.WriteToText(
-        f"{out}/annotators.csv", shard_name_template="", header="worker,group,labels,accuracy"
+        | "WriteAnnotators"
+        >> beam.io.WriteToText(
+            f"{out}/annotators.csv", shard_name_template="", header="worker,group,labels,accuracy"
+        )
     )
     if config.method == "groupanno":
         (
             params
-            | "GroupRows" >> beam.FlatMap(_group_rows, vocab_si)
+            | "GroupRows" >> beam.FlatMap(group_rows, vocab_si)
             | "WriteGroups"
             >> beam.io.WriteToText(
                 f"{out}/groups.csv", shard_name_template="", header="group,true,given,probability"
             )
         )
-        params | "PlotGroups" >> beam.Map(_plot_groups, vocab_si, f"{out}/groups.png")
+        params | "PlotGroups" >> beam.Map(plot_groups, vocab_si, f"{out}/groups.png")
     if config.tasks:
         for split in ("train", "eval"):
             outputs[split] | f"Write{split.title()}Tasks" >> WriteTFRecordShards(
                 crowd_task_spec(), f"{out}/tasks-{split}", config.shards
             )
-            counts[f"t_{split}"] = _count(outputs[split], f"T{split.title()}")
-        counts["t_rejected_join"] = _count(outputs.rejected, "TJoinRejected")
+            counts[f"t_{split}"] = outputs[split] | f"T{split.title()}" >> Total()
+        counts["t_rejected_join"] = outputs.rejected | "TJoinRejected" >> Total()
+        (
+            vocab
+            | "TaskSpecs"
+            >> beam.Map(lambda v: {f"tasks-{s}": crowd_task_spec(len(v.classes)) for s in ("train", "eval")})
+            | "WriteSpec" >> WriteSpec(out)
+        )
 
-    rejected = _fan_out(tuple(rejected_parts), "AllRejected")
+    # A Flatten whose result feeds several consumers, materialised once by a Reshuffle.
+    rejected = (
+        tuple(rejected_parts) | "AllRejectedFlatten" >> beam.Flatten() | "AllRejected" >> beam.Reshuffle()
+    )
     (
         rejected
         | "RejectedRows" >> beam.Map(_rejected_rows)
         | "WriteRejected"
         >> beam.io.WriteToText(f"{out}/rejected.csv", shard_name_template="", header="file,line,reason,row")
     )
-    annotation_rejects = rejected | "AnnotationRejects" >> beam.Filter(
-        lambda r, files: r.source in files, _annotation_files(config)
-    )
-    counts["rejected"] = _count(annotation_rejects, "Rejected")
-    reasons = (
+    annotation_files = set(match_files(config.annotations, flag="--annotations"))
+    counts["rejected"] = (
         rejected
-        | "ReasonKinds" >> beam.Map(lambda r: r.reason.split(" (")[0].split(":")[0])
-        | "CountReasons" >> beam.combiners.Count.PerElement()
-        | "ReasonsDict" >> beam.combiners.ToDict()
+        | "AnnotationRejects" >> beam.Filter(lambda r, files: r.source in files, annotation_files)
+        | "Rejected" >> Total()
     )
-    truth_stats = outputs.truth_stats | "TruthStats" >> beam.CombineGlobally(_SumArrays())
-    counts["truth_unmatched"] = _count(outputs.truth_unmatched, "TruthUnmatched", lambda n: n)
-    count_dict = (
-        tuple(c | f"Name[{k}]" >> beam.Map(lambda n, k=k: (k, n)) for k, c in counts.items())
-        | "CountsFlatten" >> beam.Flatten()
-        | "CountsDict" >> beam.combiners.ToDict()
-        | "FoldCounts" >> beam.Map(_fold_counts)
-    )
-    report = count_dict | "Report" >> beam.Map(
+    reasons = rejected | "Reasons" >> ReasonCounts(lambda r: r.split(" (")[0].split(":")[0])
+    truth_stats = outputs.truth_stats | "TruthStats" >> beam.CombineGlobally(SumArrays())
+    counts["truth_unmatched"] = outputs.truth_unmatched | "TruthUnmatched" >> Total(lambda n: n)
+    report = (counts | "Counts" >> NamedValues()) | "Report" >> beam.Map(
         _report,
-        params_si if params_si is not None else None,
+        params_si[0] if params_si else None,
         vocab_si,
         config,
         beam.pvalue.AsSingleton(reasons),
@@ -891,59 +520,3 @@ def build_crowd_labels(pipeline: beam.Pipeline, config: CrowdConfig) -> dict:
     )
     report | "WriteReport" >> WriteJson(f"{out}/report.json")
     return {"report": report, "rejected": rejected, "params": params, "chunks": chunks}
-
-
-def _fan_out(pcolls: tuple, label: str):
-    """A Flatten whose result feeds several consumers, materialised once by a Reshuffle."""
-    return pcolls | f"{label}Flatten" >> beam.Flatten() | f"{label}" >> beam.Reshuffle()
-
-
-def _annotation_files(config: CrowdConfig) -> set[str]:
-    from headrace.transforms.io import match_files
-
-    return set(match_files(config.annotations, flag="--annotations"))
-
-
-def _fold_counts(c: dict) -> dict:
-    """Derived counts: rejected task-file rows, rejected annotator-file rows."""
-    c = dict(c)
-    c["w_rejected"] = c.get("w_malformed", 0) + c.get("w_empty", 0) + c.get("w_dups", 0)
-    c["w_read"] = c.get("w_read", 0) + c.get("w_malformed", 0)
-    c["t_rejected"] = c.get("t_malformed", 0) + c.get("t_empty", 0) + c.get("t_rejected_join", 0)
-    c["t_read"] = c.get("t_read", 0) + c.get("t_malformed", 0)
-    c["read"] = c.get("read", 0) + c.get("read_malformed", 0)
-    c["p_read"] = c.get("p_read", 0) + c.get("p_malformed", 0)
-    return c
-
-
-class _SumArrays(beam.CombineFn):
-    """Elementwise sum of equally shaped arrays (None when empty)."""
-
-    def create_accumulator(self):
-        return None
-
-    def add_input(self, acc, value):
-        return np.asarray(value, dtype=np.float64) + (0 if acc is None else acc)
-
-    def merge_accumulators(self, accs):
-        accs = [a for a in accs if a is not None]
-        return sum(accs[1:], accs[0]) if accs else None
-
-    def extract_output(self, acc):
-        return acc
-
-
-class _WriteWithHeader(beam.PTransform):
-    """WriteToText whose header is computed in the pipeline (posterior columns are the classes)."""
-
-    def __init__(self, path: str, header):
-        super().__init__()
-        self.path, self.header = path, header
-
-    def expand(self, pcoll):
-        body = pcoll | "Body" >> beam.combiners.ToList()
-        return (
-            self.header
-            | "Join" >> beam.Map(lambda h, rows: "\n".join([h, *rows]), beam.pvalue.AsSingleton(body))
-            | "Write" >> beam.io.WriteToText(self.path, shard_name_template="")
-        )

@@ -11,21 +11,18 @@ that read it, and only file names and manifest lines are shuffled):
         NIfTI files -> GroupByKey(stem, pairing NAME_label with NAME) -> read, check label geometry
       -> reorient to [D, H, W], resample (--spacing), clip (--hu-window)
       -> one TFRecord part per volume (and per blocked volume) in OUT/.work, a preview PNG
-    parts -> GroupByKey(shard) -> concatenated into volumes-SSSSS-of-NNNNN.tfrecord (blocks-... likewise)
+    parts -> ConcatShards -> volumes-SSSSS-of-NNNNN.tfrecord (blocks-... likewise), spec.json
     manifest lines -> manifest.jsonl (sorted by id), report.json (every input file counted once)
 
-DICOM: slices are ordered by ImagePositionPatient projected on the slice normal (the cross product of the
-two ImageOrientationPatient vectors), ascending; stored values become HU as ``value * RescaleSlope +
-RescaleIntercept`` (float64, then float32); spacing is (distance between slice positions, PixelSpacing).
-A series is rejected, with the files named, when slices differ in size, orientation or pixel spacing,
-when two slices share a position, when the distance between slices varies by more than 1% (or 0.01 mm),
-or when a slice's pixel data cannot be decoded. A file that is not DICOM, or lacks the geometry
-attributes, is rejected alone with the attribute named. Multi-frame files are rejected (not supported).
+DICOM (`headrace.transforms.dicom`): slices ordered along the slice normal, stored values rescaled to HU,
+a series rejected with the files named when its slices do not form one regular grid; a file that is not
+DICOM, or lacks the geometry attributes, is rejected alone with the attribute named. NIfTI
+(`headrace.transforms.nifti`): ``NAME_label.nii[.gz]`` is the segmentation of ``NAME.nii[.gz]``, on the
+same grid. Both end on the axes of `headrace.transforms.volume`: D inferior->superior, H
+anterior->posterior, W right->left.
 
-NIfTI: read with nibabel (scaling applied), 4D volumes with a single time point squeezed, others
-rejected. ``NAME_label.nii[.gz]`` is the segmentation of ``NAME.nii[.gz]``: same grid (shape and affine),
-integer values 0..255. The orientation convention is `headrace.transforms.volume`'s: D inferior->superior,
-H anterior->posterior, W right->left, for DICOM and NIfTI alike.
+Records: `VOLUME_SPEC` and `BLOCK_SPEC`, whose arrays (the volume in float32, the label in uint8) carry
+their dtype and take their shape from the record's ``shape`` feature; `dataset` reads them back.
 
 Volumes whose float32 size exceeds ``--block-above-mb`` are also written as overlapping blocks (cores of
 ``--block`` voxels tiling the volume, each with ``--halo`` voxels of context on every side) to
@@ -36,41 +33,45 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import os
-import shutil
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from headrace.runners import config as config_lib
-from headrace.runners.beam_runner import WORK_DIR
-from headrace.runners.errors import ConfigError, InputError
+from headrace.core import config as config_lib
+from headrace.core.errors import ConfigError, InputError
+from headrace.core.outputs import WORK_DIR
+from headrace.transforms.dicom import read_dicom_series, read_header
 from headrace.transforms.io import WriteJson, match_files
-from headrace.transforms.tfrecord import Feature, FeatureSpec, example_chunks, write_record_chunks
-from headrace.transforms.volume import (
-    GeometryError,
-    acquisition_view,
-    canonical_axes,
-    canonical_shape,
-    iter_blocks,
-    reorient,
-    resample,
+from headrace.transforms.nifti import nifti_stem, pair, read_nifti
+from headrace.transforms.patches import sample_patches
+from headrace.transforms.preview import write_preview
+from headrace.transforms.tfrecord import (
+    ConcatShards,
+    Feature,
+    FeatureSpec,
+    WriteSpec,
+    example_chunks,
+    list_shards,
+    read_spec,
+    write_record_chunks,
 )
+from headrace.transforms.volume import GeometryError, iter_blocks, resample
 
 __all__ = [
     "BLOCK_SPEC",
     "VOLUME_SPEC",
     "CtIngestConfig",
-    "SliceHeader",
     "block_dataset",
     "build_ct_ingest",
+    "dataset",
     "patch_dataset",
+    "read_manifest",
     "volume_dataset",
 ]
 
@@ -80,10 +81,10 @@ VOLUME_SPEC = FeatureSpec(
     "ct_volume",
     {
         "id": Feature("bytes", description="SeriesInstanceUID, or the NIfTI file stem"),
-        "volume": Feature("bytes", description="float32 little-endian, C order [D, H, W], HU for CT"),
+        "volume": Feature.array("float32", "shape", description="[D, H, W], HU for CT"),
         "shape": Feature("int64", (3,), description="D, H, W"),
         "spacing": Feature("float32", (3,), description="z, y, x in mm"),
-        "label": Feature("bytes", default=b"", description="uint8 [D, H, W]; b'' when there is no label"),
+        "label": Feature.array("uint8", "shape", optional=True, description="[D, H, W] label map, if any"),
     },
 )
 
@@ -96,10 +97,10 @@ BLOCK_SPEC = FeatureSpec(
         "core_start": Feature("int64", (3,), description="core start inside the block"),
         "core_stop": Feature("int64", (3,), description="core stop inside the block"),
         "volume_shape": Feature("int64", (3,), description="D, H, W of the whole volume"),
-        "volume": Feature("bytes", description="float32 little-endian, C order, the block's shape"),
+        "volume": Feature.array("float32", "shape", description="the block's voxels"),
         "shape": Feature("int64", (3,), description="the block's D, H, W (core + halo, clipped)"),
         "spacing": Feature("float32", (3,)),
-        "label": Feature("bytes", default=b"", description="uint8, the block's shape; b'' if unlabelled"),
+        "label": Feature.array("uint8", "shape", optional=True, description="the block's labels, if any"),
     },
 )
 
@@ -142,38 +143,6 @@ def ct_ingest_1mm() -> CtIngestConfig:
 # -------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class SliceHeader:
-    """The geometry of one DICOM slice, read without its pixels."""
-
-    path: str
-    position: tuple[float, float, float]
-    orientation: tuple[float, float, float, float, float, float]
-    pixel_spacing: tuple[float, float]
-    rows: int
-    columns: int
-    slope: float
-    intercept: float
-    thickness: float | None
-
-
-_REQUIRED = {
-    "SeriesInstanceUID": "(0020,000E)",
-    "Rows": "(0028,0010)",
-    "Columns": "(0028,0011)",
-    "PixelSpacing": "(0028,0030)",
-    "ImagePositionPatient": "(0020,0032)",
-    "ImageOrientationPatient": "(0020,0037)",
-}
-
-
-def _nifti_stem(name: str) -> str | None:
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return None
-
-
 def _manifest(id_: str, sources: Sequence[str], status: str, reason: str = "", **extra) -> dict:
     return {
         "id": id_,
@@ -201,7 +170,7 @@ class _Inspect(beam.DoFn):
     def process(self, path: str):
         self._inspected.inc()
         name = path.rsplit("/", 1)[-1]
-        stem = _nifti_stem(name)
+        stem = nifti_stem(name)
         if stem is not None:
             if stem.endswith("_label"):
                 yield beam.pvalue.TaggedOutput(self.NIFTI, (stem[: -len("_label")], ("label", path)))
@@ -209,7 +178,7 @@ class _Inspect(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(self.NIFTI, (stem, ("image", path)))
             return
         try:
-            header = self._header(path)
+            header = read_header(path)
         except GeometryError as exc:
             self._rejected.inc()
             yield beam.pvalue.TaggedOutput(
@@ -219,221 +188,10 @@ class _Inspect(beam.DoFn):
             return
         yield beam.pvalue.TaggedOutput(self.DICOM, header)
 
-    @staticmethod
-    def _header(path: str) -> tuple[str, SliceHeader]:
-        import pydicom
-        from pydicom.errors import InvalidDicomError
-
-        try:
-            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-                ds = pydicom.dcmread(f, stop_before_pixels=True)
-        except InvalidDicomError as exc:
-            raise GeometryError(f"not a DICOM file ({exc})", "not_dicom") from None
-        except Exception as exc:  # truncated or garbled files raise anything from struct to KeyError
-            raise GeometryError(
-                f"unreadable DICOM file ({type(exc).__name__}: {exc})", "unreadable"
-            ) from None
-        for keyword, tag in _REQUIRED.items():
-            if keyword not in ds or ds[keyword].value in (None, ""):
-                raise GeometryError(f"missing {keyword} {tag}", "missing_attribute")
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        if frames > 1:
-            raise GeometryError(
-                f"multi-frame DICOM (NumberOfFrames={frames}) is not supported", "multi_frame"
-            )
-        try:
-            position = tuple(float(v) for v in ds.ImagePositionPatient)
-            orientation = tuple(float(v) for v in ds.ImageOrientationPatient)
-            pixel_spacing = tuple(float(v) for v in ds.PixelSpacing)
-        except (TypeError, ValueError) as exc:
-            raise GeometryError(f"unparsable geometry ({exc})", "bad_attribute") from None
-        if len(position) != 3 or len(orientation) != 6 or len(pixel_spacing) != 2:
-            raise ValueError(
-                "ImagePositionPatient needs 3 values, ImageOrientationPatient 6, PixelSpacing 2; got "
-                f"{len(position)}, {len(orientation)}, {len(pixel_spacing)}"
-            )
-        thickness = ds.get("SliceThickness")
-        header = SliceHeader(
-            path=path,
-            position=position,  # type: ignore[arg-type]
-            orientation=orientation,  # type: ignore[arg-type]
-            pixel_spacing=pixel_spacing,  # type: ignore[arg-type]
-            rows=int(ds.Rows),
-            columns=int(ds.Columns),
-            slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
-            intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
-            thickness=float(thickness) if thickness not in (None, "") else None,
-        )
-        return str(ds.SeriesInstanceUID), header
-
 
 # -------------------------------------------------------------------------------------------------
 # Building volumes
 # -------------------------------------------------------------------------------------------------
-
-
-def dicom_geometry(headers: Sequence[SliceHeader]) -> tuple[list[SliceHeader], float, np.ndarray]:
-    """``(slices in ascending order along the normal, slice spacing, [3, 3] axis directions)``.
-
-    Raises GeometryError naming the files when the series is not one regular grid.
-    """
-    # GroupByKey gives the slices in any order: sort by path first, so that ties (duplicate positions)
-    # and therefore reasons are the same on every runner.
-    headers = sorted(headers, key=lambda h: h.path)
-    sizes = {(h.rows, h.columns) for h in headers}
-    if len(sizes) > 1:
-        raise GeometryError(f"mixed slice sizes {sorted(sizes)} (Rows, Columns)", "mixed_sizes")
-    iop = np.array([h.orientation for h in headers])
-    if np.abs(iop - iop[0]).max() > 1e-4:
-        raise GeometryError("slices differ in ImageOrientationPatient", "mixed_orientation")
-    ps = np.array([h.pixel_spacing for h in headers])
-    if np.abs(ps - ps[0]).max() > 1e-4:
-        raise GeometryError("slices differ in PixelSpacing", "mixed_pixel_spacing")
-    row_dir, col_dir = iop[0, :3], iop[0, 3:]
-    normal = np.cross(row_dir, col_dir)
-    if np.linalg.norm(normal) < 0.5:
-        raise GeometryError(f"ImageOrientationPatient {iop[0].tolist()} is not two orthogonal unit vectors")
-    along = np.array([h.position for h in headers]) @ normal
-    order = np.argsort(along, kind="stable")
-    ordered = [headers[i] for i in order]
-    z = along[order]
-    if len(ordered) == 1:
-        if not ordered[0].thickness or ordered[0].thickness <= 0:
-            raise GeometryError("a single slice without SliceThickness has no slice spacing", "no_spacing")
-        spacing = ordered[0].thickness
-    else:
-        gaps = np.diff(z)
-        dup = np.flatnonzero(gaps < 1e-3)
-        if dup.size:
-            i = int(dup[0])
-            raise GeometryError(
-                f"duplicate slice position {z[i]:.3f} mm along the normal: "
-                f"{ordered[i].path} and {ordered[i + 1].path}",
-                "duplicate_slice",
-            )
-        spread = gaps.max() - gaps.min()
-        if spread > max(0.01, 0.01 * float(np.median(gaps))):
-            i = int(np.argmax(np.abs(gaps - np.median(gaps))))
-            raise GeometryError(
-                f"varying slice spacing {gaps.min():.3f}..{gaps.max():.3f} mm "
-                f"(gap after {ordered[i].path} is {gaps[i]:.3f} mm)",
-                "varying_spacing",
-            )
-        spacing = float(gaps.mean())
-    # Array axes: 0 = slices (along the normal), 1 = rows (down a column: col_dir), 2 = columns (row_dir).
-    directions = np.stack([normal, col_dir, row_dir])
-    return ordered, spacing, directions
-
-
-def read_dicom_series(headers: Sequence[SliceHeader]) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """The series as float32 HU on the [D, H, W] axes, and its spacing (z, y, x)."""
-    import pydicom
-
-    ordered, dz, directions = dicom_geometry(headers)
-    rows, cols = ordered[0].rows, ordered[0].columns
-    acquired = (len(ordered), rows, cols)
-    # Allocated once in the final [D, H, W] layout; slices are written through a view in acquisition order.
-    volume = np.empty(canonical_shape(acquired, directions), np.float32)
-    slices = acquisition_view(volume, directions)
-    for k, h in enumerate(ordered):
-        try:
-            with FileSystems.open(h.path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-                pixels = pydicom.dcmread(f).pixel_array
-        except Exception as exc:  # no PixelData, an undecodable transfer syntax, truncation
-            raise GeometryError(
-                f"{h.path}: pixel data unreadable ({type(exc).__name__}: {exc})", "bad_pixels"
-            ) from None
-        if pixels.shape != (rows, cols):
-            raise GeometryError(
-                f"{h.path}: pixel data has shape {pixels.shape}, header says {(rows, cols)}", "bad_pixels"
-            )
-        slices[k] = pixels.astype(np.float64) * h.slope + h.intercept
-    spacing = (dz, ordered[0].pixel_spacing[0], ordered[0].pixel_spacing[1])
-    perm, _ = canonical_axes(directions)
-    return volume, tuple(float(spacing[p]) for p in perm)  # type: ignore[return-value]
-
-
-_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
-
-
-def _nifti_grid(img) -> tuple[np.ndarray, tuple[float, ...]]:
-    axes = img.affine[:3, :3]
-    return (_RAS_TO_LPS @ axes).T, tuple(float(v) for v in np.linalg.norm(axes, axis=0))
-
-
-def _nifti_array(img, path: str, directions: np.ndarray, spacing, *, label: bool):
-    """The image's values on the [D, H, W] axes, converted in one pass from the stored (unscaled,
-    possibly memory-mapped) array: float32 with the NIfTI scaling for images, uint8 for labels."""
-    shape = img.shape
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    if len(shape) != 3:
-        raise GeometryError(
-            f"{path}: shape {img.shape}: only 3D volumes (or 4D with one time point)", "not_3d"
-        )
-    proxy = img.dataobj
-    raw = np.asanyarray(proxy.get_unscaled() if hasattr(proxy, "get_unscaled") else proxy).reshape(shape)
-    slope = float(getattr(proxy, "slope", 1.0))
-    inter = float(getattr(proxy, "inter", 0.0))
-    view, out_spacing = reorient(raw, spacing, directions, copy=False)
-    if label:
-        if slope != 1.0 or inter != 0.0 or raw.dtype.kind == "f":
-            view = view * slope + inter
-            if not np.array_equal(view, np.rint(view)):
-                raise GeometryError(f"{path}: label values must be integers", "bad_label")
-        lo, hi = view.min(), view.max()
-        if lo < 0 or hi > 255:
-            raise GeometryError(f"{path}: label values {lo}..{hi} outside 0..255", "bad_label")
-        return np.ascontiguousarray(view, dtype=np.uint8), out_spacing
-    volume = np.empty(view.shape, np.float32)
-    np.copyto(volume, view, casting="unsafe")
-    if slope != 1.0:
-        volume *= np.float32(slope)
-    if inter != 0.0:
-        volume += np.float32(inter)
-    return volume, out_spacing
-
-
-def read_nifti(image_path: str, label_path: str | None):
-    """``(volume float32, label uint8 or None, spacing)`` on the [D, H, W] axes."""
-    import nibabel as nib
-
-    def load(path):
-        try:
-            return nib.load(_local_copy(path))
-        except Exception as exc:
-            raise GeometryError(
-                f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})", "unreadable"
-            ) from None
-
-    img = load(image_path)
-    directions, spacing = _nifti_grid(img)
-    volume, out_spacing = _nifti_array(img, image_path, directions, spacing, label=False)
-    label = None
-    if label_path is not None:
-        lab = load(label_path)
-        if lab.shape[:3] != img.shape[:3]:
-            raise GeometryError(
-                f"{label_path}: label shape {lab.shape} differs from image shape {img.shape}",
-                "label_mismatch",
-            )
-        if not np.allclose(lab.affine, img.affine, atol=1e-3):
-            raise GeometryError(f"{label_path}: label affine differs from {image_path}'s", "label_mismatch")
-        label, _ = _nifti_array(lab, label_path, directions, spacing, label=True)
-    return volume, label, out_spacing
-
-
-def _local_copy(path: str) -> str:
-    # nibabel reads local paths; remote inputs (gs://) are copied to a temporary file first.
-    if "://" not in path:
-        return path
-    import tempfile
-
-    suffix = ".nii.gz" if path.endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(suffix=suffix)
-    with os.fdopen(fd, "wb") as out, FileSystems.open(path, CompressionTypes.UNCOMPRESSED) as f:
-        shutil.copyfileobj(f, out, 8 << 20)
-    return tmp
 
 
 def shard_of(id_: str, shards: int) -> int:
@@ -468,7 +226,7 @@ class _Finish(beam.DoFn):
                 volume, spacing = read_dicom_series(members)
                 label = None
             else:
-                image, label_path = _pair(key, members)
+                image, label_path = pair(key, members)
                 volume, label, spacing = read_nifti(image, label_path)
         except GeometryError as exc:
             self._rejected.inc()
@@ -542,66 +300,13 @@ class _Finish(beam.DoFn):
         )
 
 
-def _pair(stem: str, members: list) -> tuple[str, str | None]:
-    """The image and (optional) label of a NIfTI stem; GeometryError when they do not pair up."""
-    images = [p for role, p in members if role == "image"]
-    labels = [p for role, p in members if role == "label"]
-    sources = ", ".join(sorted(p for _, p in members))
-    if not images:
-        raise GeometryError(f"{stem}: a label without its image {stem}.nii[.gz]: {sources}", "unpaired_label")
-    if len(images) > 1 or len(labels) > 1:
-        raise GeometryError(f"{stem}: several NIfTI files share this name: {sources}", "duplicate_id")
-    return images[0], (labels[0] if labels else None)
-
-
 def _safe(id_: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in id_)
-
-
-def write_preview(path: str, volume: np.ndarray, label: np.ndarray | None, spacing, title: str) -> None:
-    """Middle axial, coronal and sagittal slices side by side (label in red), at true aspect ratio."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    d, h, w = volume.shape
-    sz, sy, sx = spacing
-    views = [
-        ("axial", volume[d // 2], None if label is None else label[d // 2], sy / sx, "upper"),
-        ("coronal", volume[:, h // 2, :], None if label is None else label[:, h // 2, :], sz / sx, "lower"),
-        ("sagittal", volume[:, :, w // 2], None if label is None else label[:, :, w // 2], sz / sy, "lower"),
-    ]
-    lo, hi = np.percentile(volume[:: max(1, d // 16)], [0.5, 99.5])
-    fig, axes = plt.subplots(1, 3, figsize=(10, 3.8))
-    for ax, (name, img, lab, aspect, origin) in zip(axes, views):
-        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, origin=origin, interpolation="nearest")
-        if lab is not None and lab.any():
-            ax.imshow(np.ma.masked_equal(lab, 0), cmap="autumn", alpha=0.45, aspect=aspect, origin=origin)
-        ax.set_title(name, fontsize=9)
-        ax.axis("off")
-    fig.suptitle(f"{title}  {d}x{h}x{w}  spacing {sz:.2f}, {sy:.2f}, {sx:.2f} mm", fontsize=9)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    with FileSystems.create(path) as f:
-        f.write(buf.getvalue())
 
 
 # -------------------------------------------------------------------------------------------------
 # Shards, manifest, report
 # -------------------------------------------------------------------------------------------------
-
-
-def _concat(element, prefix: str, shards: int) -> str:
-    """Concatenates a shard's part files (each whole TFRecord records) into its final file."""
-    shard, parts = element
-    path = f"{prefix}-{shard:05d}-of-{shards:05d}.tfrecord"
-    with FileSystems.create(path) as out:
-        for part in sorted(p for p in parts if p):
-            with FileSystems.open(part, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-                shutil.copyfileobj(f, out, 8 << 20)
-    return path
 
 
 def _write_manifest(lines: list[dict], path: str) -> None:
@@ -696,21 +401,15 @@ def build_ct_ingest(pipeline: beam.Pipeline, config: CtIngestConfig) -> dict:
             _Finish.VOLUME_PARTS, _Finish.BLOCK_PARTS, main="lines"
         )
     )
-    for name in (_Finish.VOLUME_PARTS, _Finish.BLOCK_PARTS):
-        prefix = f"{out}/{'volumes' if name == _Finish.VOLUME_PARTS else 'blocks'}"
-        parts = (dicom[name], nifti[name]) | f"All[{name}]" >> beam.Flatten()
-        if name == _Finish.BLOCK_PARTS:
-            # Block files exist only when some volume was blocked: shards come from the parts alone.
-            grouped = parts | f"ByShard[{name}]" >> beam.GroupByKey()
-        else:
-            # Every volume shard is written, empty or not, so the file set is always complete.
-            empty = pipeline | f"AllShards[{name}]" >> beam.Create([(s, "") for s in range(config.shards)])
-            grouped = (
-                (parts, empty)
-                | f"WithEmpty[{name}]" >> beam.Flatten()
-                | f"ByShard[{name}]" >> beam.GroupByKey()
-            )
-        grouped | f"Concat[{name}]" >> beam.Map(_concat, prefix, config.shards)
+    for name, prefix in ((_Finish.VOLUME_PARTS, "volumes"), (_Finish.BLOCK_PARTS, "blocks")):
+        # Every volume shard is written, empty or not; block files exist only when a volume was blocked.
+        (
+            (dicom[name], nifti[name])
+            | f"All[{name}]" >> beam.Flatten()
+            | f"Write[{name}]"
+            >> ConcatShards(f"{out}/{prefix}", config.shards, all_shards=prefix == "volumes")
+        )
+    pipeline | "WriteSpec" >> WriteSpec(out, {"volumes": VOLUME_SPEC, "blocks": BLOCK_SPEC})
 
     lines = (
         (inspected[_Inspect.REJECTED], dicom["lines"], nifti["lines"])
@@ -728,34 +427,27 @@ def build_ct_ingest(pipeline: beam.Pipeline, config: CtIngestConfig) -> dict:
 # -------------------------------------------------------------------------------------------------
 
 
-def _parse(serialized, spec: FeatureSpec = VOLUME_SPEC):
-    import tensorflow as tf
-
-    return tf.io.parse_single_example(serialized, spec.tf_features())
-
-
-def _decode(ex):
-    import tensorflow as tf
-
-    shape = ex["shape"]
-    volume = tf.reshape(tf.io.decode_raw(ex["volume"], tf.float32, little_endian=True), shape)
-    has_label = tf.strings.length(ex["label"]) > 0
-    label = tf.cond(
-        has_label,
-        lambda: tf.reshape(tf.io.decode_raw(ex["label"], tf.uint8), shape),
-        lambda: tf.zeros(shape, tf.uint8),
-    )
-    return {**ex, "volume": volume, "label": label, "has_label": has_label}
+def read_manifest(out: str) -> tuple[list[str], list[str], dict[str, list[int]]]:
+    """(ids of labelled volumes, ids of unlabelled ones, shape of every volume) from ``OUT/manifest.jsonl``."""
+    path = Path(out) / "manifest.jsonl"
+    if not path.is_file():
+        raise InputError(f"--data {out}: no manifest.jsonl (is it a ct-ingest output?)")
+    labelled, unlabelled, shapes = [], [], {}
+    for line in path.read_text().splitlines():
+        entry = json.loads(line)
+        if entry["status"] != "ok":
+            continue
+        (labelled if entry.get("label") else unlabelled).append(entry["id"])
+        shapes[entry["id"]] = entry["shape"]
+    return sorted(labelled), sorted(unlabelled), shapes
 
 
-def _files(out: str, prefix: str) -> list[str]:
-    from headrace.transforms.tfrecord import list_shards
-
-    return list_shards(f"{out.rstrip('/')}/{prefix}-*-of-*.tfrecord")
+_SPECS = {"volumes": VOLUME_SPEC, "blocks": BLOCK_SPEC}
 
 
-def volume_dataset(
+def dataset(
     out: str,
+    split: str = "volumes",
     *,
     shuffle: bool = False,
     seed: int | None = None,
@@ -763,17 +455,21 @@ def volume_dataset(
     ids: Sequence[str] | None = None,
     repeat: bool = False,
 ):
-    """Whole volumes of a ct-ingest output, one element each (shapes differ, so no batching):
-    ``{"id", "volume" [D, H, W] float32, "label" [D, H, W] uint8 (zeros when absent), "has_label",
-    "shape", "spacing"}``. `ids` keeps only those volumes (filtered before the voxels are decoded)."""
+    """The records of ``OUT/{split}-*.tfrecord`` (``volumes`` or ``blocks``), one element each (shapes
+    differ, so no batching), arrays decoded by the spec the output declares: ``"volume"`` [D, H, W]
+    float32, ``"label"`` [D, H, W] uint8 (zeros when absent), ``"has_label"``, and the other features.
+    `ids` keeps only those records, filtered (like `labelled_only`) before the voxels are decoded."""
     import tensorflow as tf
 
-    files = _files(out, "volumes")
+    if split not in _SPECS:
+        raise InputError(f"{out}: ct-ingest writes volumes and blocks, not {split!r}")
+    spec = read_spec(out, split, _SPECS[split])
+    files = list_shards(f"{str(out).rstrip('/')}/{split}-*-of-*.tfrecord")
     ds = tf.data.Dataset.from_tensor_slices(files)
     if shuffle:
         ds = ds.shuffle(len(files), seed=seed)
     ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=2, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.map(_parse, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda s: spec.parse_single(s, decode_arrays=False), num_parallel_calls=tf.data.AUTOTUNE)
     if ids is not None:
         wanted = tf.constant(sorted(ids) or [""], tf.string)
         ds = ds.filter(lambda ex: tf.reduce_any(tf.equal(ex["id"], wanted)))
@@ -783,30 +479,17 @@ def volume_dataset(
         ds = ds.shuffle(16, seed=seed)
     if repeat:
         ds = ds.repeat()
-    ds = ds.map(_decode, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(2)
+    return ds.map(spec.decode_arrays, num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
 
 
-def block_dataset(out: str):
+def volume_dataset(out: str, **kwargs):
+    """Whole volumes of a ct-ingest output (`dataset` of ``volumes``; the same keyword arguments)."""
+    return dataset(out, "volumes", **kwargs)
+
+
+def block_dataset(out: str, **kwargs):
     """The blocks of the large volumes: like `volume_dataset`, plus index, start, core_start/stop."""
-    import tensorflow as tf
-
-    ds = tf.data.TFRecordDataset(_files(out, "blocks"))
-    return ds.map(lambda s: _decode(_parse(s, BLOCK_SPEC)), num_parallel_calls=tf.data.AUTOTUNE)
-
-
-def _crop(volume, label, centre, patch, pad_value):
-    import tensorflow as tf
-
-    patch_t = tf.constant(patch, tf.int64)
-    shape = tf.shape(volume, out_type=tf.int64)
-    # Pad volumes smaller than the patch (at the end of each axis), then clamp the window inside.
-    pad = tf.maximum(patch_t - shape, 0)
-    paddings = tf.stack([tf.zeros_like(pad), pad], axis=1)
-    volume = tf.pad(volume, paddings, constant_values=pad_value)
-    label = tf.pad(label, paddings)
-    start = tf.clip_by_value(centre - patch_t // 2, 0, tf.maximum(shape + pad - patch_t, 0))
-    return tf.slice(volume, start, patch_t), tf.slice(label, start, patch_t), start
+    return dataset(out, "blocks", **kwargs)
 
 
 def patch_dataset(
@@ -821,58 +504,16 @@ def patch_dataset(
     ids: Sequence[str] | None = None,
     repeat: bool = False,
 ):
-    """Random [pd, ph, pw] patches of the volumes: ``{"volume", "label", "id", "start", "foreground"}``.
-
-    For a labelled volume, a patch is centred on a random foreground voxel with probability
-    `foreground_fraction` and on a background voxel otherwise (the first background voxel among 16
-    uniform draws), so that small structures are seen as often as asked. Unlabelled volumes give
-    uniform patches. Patches of volumes smaller than `patch` are padded with the volume's minimum.
-    Deterministic for a given `seed` (stateless random ops keyed by volume and patch number).
-    """
-    import tensorflow as tf
-
-    patch = tuple(int(p) for p in patch)
+    """Random [pd, ph, pw] patches of the volumes: ``{"volume", "label", "id", "start", "foreground"}``
+    (`headrace.transforms.patches.sample_patches`; deterministic for a given `seed`)."""
     volumes = volume_dataset(
         out, shuffle=shuffle, seed=seed, labelled_only=labelled_only, ids=ids, repeat=repeat
-    ).enumerate()
-
-    def per_volume(i, v):
-        foreground = tf.where(v["label"] > 0)  # [N, 3]; empty without a label
-        shape = tf.shape(v["volume"], out_type=tf.int64)
-        minimum = tf.reduce_min(v["volume"])
-
-        def one(j):
-            s = tf.stack([tf.cast(seed, tf.int64), i * 100_003 + j])
-            coin = tf.random.stateless_uniform([], seed=s)
-            want_fg = tf.logical_and(coin < foreground_fraction, tf.shape(foreground)[0] > 0)
-
-            def fg():
-                k = tf.random.stateless_uniform(
-                    [], seed=s + 1, maxval=tf.shape(foreground, out_type=tf.int64)[0], dtype=tf.int64
-                )
-                return foreground[k]
-
-            def bg():
-                draws = tf.random.stateless_uniform([16, 3], seed=s + 2, minval=0.0, maxval=1.0)
-                cand = tf.cast(draws * tf.cast(shape, tf.float32), tf.int64)
-                cand = tf.minimum(cand, shape - 1)
-                is_bg = tf.gather_nd(v["label"], cand) == 0
-                first = tf.argmax(tf.cast(is_bg, tf.int32))
-                return cand[first]
-
-            centre = tf.cond(want_fg, fg, bg)
-            vol, lab, start = _crop(v["volume"], v["label"], centre, patch, minimum)
-            return {
-                "volume": tf.ensure_shape(vol, patch),
-                "label": tf.ensure_shape(lab, patch),
-                "id": v["id"],
-                "start": start,
-                "foreground": want_fg,
-            }
-
-        return tf.data.Dataset.range(patches_per_volume).map(one)
-
-    ds = volumes.flat_map(per_volume)
-    if shuffle:
-        ds = ds.shuffle(4 * patches_per_volume, seed=seed)
-    return ds
+    )
+    return sample_patches(
+        volumes,
+        patch,
+        patches_per_volume=patches_per_volume,
+        foreground_fraction=foreground_fraction,
+        seed=seed,
+        shuffle=shuffle,
+    )

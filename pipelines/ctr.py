@@ -7,8 +7,8 @@ Structure (every step works on Arrow batches of up to 64k rows, never one Python
 
     ReadCsvBatches / ReadParquetBatches -> Process: validate (-> rejected), split and shard by a hash of
     the line, encode tf.Examples, value counts of the train split
-        -> WriteSerializedShards(train / eval)
-        -> value counts combined per (field, hash shard) -> stats.json, vocab/<field>.tsv
+        -> WriteSerializedShards(train / eval), spec.json
+        -> FieldStatistics: value counts combined per (field, hash shard) -> stats.json, vocab/<field>.tsv
         -> counts -> report.json (read = train + eval + rejected)
 
 Lines: ``label`` (0 or 1), ``I1..I13`` (integers, may be empty = missing), ``C1..C26`` (categorical
@@ -37,24 +37,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from headrace.pipelines.ctr_data import CAT_FIELDS, INT_FIELDS
-from headrace.runners import config as config_lib
-from headrace.runners.errors import ConfigError
-from headrace.transforms.columnar import (
-    CsvBatch,
-    ReadCsvBatches,
-    ReadParquetBatches,
-    string_hash,
-)
+from headrace.core import config as config_lib
+from headrace.core.errors import ConfigError
+from headrace.models.criteo import CAT_FIELDS, INT_FIELDS
+from headrace.transforms import feature_stats
+from headrace.transforms.columnar import CsvBatch, ReadCsvBatches, ReadParquetBatches, string_hash
+from headrace.transforms.counting import NamedValues, ReasonCounts, Total, reconcile
 from headrace.transforms.io import Rejected, WriteJson, WriteJsonLines
 from headrace.transforms.tfrecord import (
     Feature,
     FeatureSpec,
     RecordBatch,
     WriteSerializedShards,
+    WriteSpec,
     encode_fixed,
-    tfrecord_dataset,
+    output_dataset,
 )
+from headrace.transforms.validation import first_problems
 
 __all__ = [
     "COLUMNS",
@@ -115,7 +114,7 @@ def dataset(out: str, split: str, batch_size: int, *, named: bool = False, **kwa
     one entry per raw field instead (``I1..I13`` int64, ``I1_missing``.., ``C1..C26`` string).
     Keyword arguments go to `headrace.transforms.tfrecord.tfrecord_dataset` (shuffle, seed, repeat...).
     """
-    ds = tfrecord_dataset(f"{out.rstrip('/')}/{split}-*.tfrecord", CTR_SPEC, batch_size, **kwargs)
+    ds = output_dataset(out, split, batch_size, CTR_SPEC, **kwargs)
     if named:
         import tensorflow as tf
 
@@ -154,25 +153,23 @@ def _bool(array) -> np.ndarray:
 def _validate(batch: CsvBatch) -> tuple[np.ndarray, list[tuple[int, str]]]:
     """(ok mask, [(row, reason)]) with the first offending field of each bad row, in column order."""
     table = batch.table
-    n = table.num_rows
-    problems = []  # (mask, field, what): the first matching entry names a bad row
-    blank = np.ones(n, dtype=bool)
+    blank = np.ones(table.num_rows, dtype=bool)
     for name in COLUMNS:
         blank &= _bool(pc.equal(table.column(name), ""))
-    problems.append((blank, "", "blank line"))
+
+    def field(name: str, what: str):
+        return lambda i: f"{name}: {what}, got {table.column(name)[i].as_py()!r}"
+
     label = table.column("label")
-    problems.append((~_bool(pc.is_in(label, value_set=pa.array(["0", "1"]))), "label", "expected 0 or 1"))
+    checks = [
+        (blank, lambda i: "blank line"),
+        (~_bool(pc.is_in(label, value_set=pa.array(["0", "1"]))), field("label", "expected 0 or 1")),
+    ]
     for name in INT_FIELDS:
         col = table.column(name)
         bad = ~_bool(pc.equal(col, "")) & ~_bool(pc.match_substring_regex(col, _INTEGER))
-        problems.append((bad, name, "not an integer"))
-    ok = np.ones(n, dtype=bool)
-    reasons = {}
-    for bad, name, what in problems:
-        for i in np.flatnonzero(bad & ok):
-            reasons[i] = what if not name else f"{name}: {what}, got {table.column(name)[int(i)].as_py()!r}"
-        ok &= ~bad
-    return ok, sorted(reasons.items())
+        checks.append((bad, field(name, "not an integer")))
+    return first_problems(table.num_rows, checks)
 
 
 def _encode(table: pa.Table) -> RecordBatch:
@@ -201,14 +198,8 @@ def _encode(table: pa.Table) -> RecordBatch:
 class _Process(beam.DoFn):
     """A batch -> rejected rows, (split, shard) record batches, and train-split statistics."""
 
-    REJECTED, TRAIN, EVAL, VALUES, FIELD_STATS, COUNTS = (
-        "rejected",
-        "train",
-        "eval",
-        "values",
-        "field_stats",
-        "counts",
-    )
+    REJECTED, TRAIN, EVAL, COUNTS = "rejected", "train", "eval", "counts"
+    VALUES, FIELD_STATS = feature_stats.VALUES, feature_stats.FIELD_STATS
 
     def __init__(self, config: CtrIngestConfig, eval_shards: int):
         self._config, self._eval_shards = config, eval_shards
@@ -243,163 +234,7 @@ class _Process(beam.DoFn):
                 )
         yield beam.pvalue.TaggedOutput(self.COUNTS, np.array([int((~is_eval).sum()), int(is_eval.sum())]))
         train = good.table.filter(pa.array(~is_eval))
-        yield from self._statistics(train)
-
-    def _statistics(self, train: pa.Table):
-        c = self._config
-        partial = {}
-        for name in (*INT_FIELDS, *CAT_FIELDS):
-            col = train.column(name)
-            present = col.filter(pc.not_equal(col, ""))
-            stats = {"count": train.num_rows, "missing": train.num_rows - len(present)}
-            if name in INT_FIELDS and len(present):
-                x = np.log1p(np.maximum(pc.cast(present, pa.int64()).to_numpy(zero_copy_only=False), 0))
-                stats.update(log1p_sum=float(x.sum()), log1p_min=float(x.min()), log1p_max=float(x.max()))
-            partial[name] = stats
-            if len(present):
-                counts = pc.value_counts(present)
-                values, freq = counts.field("values"), counts.field("counts").to_numpy()
-                shard = (string_hash(values) % np.uint64(c.stats_shards)).astype(np.int64)
-                for s in np.unique(shard):
-                    sel = np.flatnonzero(shard == s)
-                    yield beam.pvalue.TaggedOutput(
-                        self.VALUES, ((name, int(s)), (values.take(pa.array(sel)), freq[sel]))
-                    )
-        yield beam.pvalue.TaggedOutput(self.FIELD_STATS, partial)
-
-
-# -------------------------------------------------------------------------------------------------
-# Statistics
-# -------------------------------------------------------------------------------------------------
-
-
-class ValueCounts(beam.CombineFn):
-    """Exact value frequencies of one (field, shard): Arrow arrays merged by a C++ group-by."""
-
-    def create_accumulator(self):
-        return []
-
-    def add_input(self, acc, value):
-        acc.append(value)
-        return self._compact(acc) if len(acc) >= 32 else acc
-
-    def merge_accumulators(self, accs):
-        merged = [v for acc in accs for v in acc]
-        return self._compact(merged) if len(merged) >= 32 else merged
-
-    @staticmethod
-    def _compact(acc):
-        if len(acc) <= 1:
-            return acc
-        table = pa.table(
-            {
-                "value": pa.concat_arrays([v for v, _ in acc]),
-                "count": pa.array(np.concatenate([c for _, c in acc]).astype(np.int64)),
-            }
-        )
-        summed = table.group_by("value").aggregate([("count", "sum")])
-        return [(summed.column("value").combine_chunks(), summed.column("count_sum").to_numpy())]
-
-    def extract_output(self, acc):
-        acc = self._compact(acc)
-        if not acc:
-            return pa.array([], pa.string()), np.zeros(0, np.int64)
-        return acc[0]
-
-
-def _order(values: pa.Array, counts: np.ndarray) -> np.ndarray:
-    """Indices by descending count, ties by value (deterministic on every runner)."""
-    table = pa.table({"v": values, "c": pa.array(counts)})
-    return pc.sort_indices(table, sort_keys=[("c", "descending"), ("v", "ascending")]).to_numpy()
-
-
-def _shard_summary(element, min_count: int, top_k: int):
-    (field, _), (values, counts) = element
-    order = _order(values, counts)
-    keep = order[counts[order] >= min_count]
-    return field, {
-        "distinct": len(values),
-        "kept": len(keep),
-        "top": [(values[int(i)].as_py(), int(counts[i])) for i in order[:top_k]],
-        "vocab": (values.take(pa.array(keep)), counts[keep]),
-    }
-
-
-class MergeFieldStats(beam.CombineFn):
-    """Sums per-batch field statistics (counts, missing, log1p sums; min and max)."""
-
-    def create_accumulator(self):
-        return {}
-
-    def add_input(self, acc, partial):
-        for name, s in partial.items():
-            a = acc.setdefault(name, {"count": 0, "missing": 0})
-            a["count"] += s["count"]
-            a["missing"] += s["missing"]
-            if "log1p_sum" in s:
-                a["log1p_sum"] = a.get("log1p_sum", 0.0) + s["log1p_sum"]
-                a["log1p_min"] = min(a.get("log1p_min", np.inf), s["log1p_min"])
-                a["log1p_max"] = max(a.get("log1p_max", -np.inf), s["log1p_max"])
-        return acc
-
-    def merge_accumulators(self, accs):
-        out = {}
-        for acc in accs:
-            out = self.add_input(out, acc)
-        return out
-
-    def extract_output(self, acc):
-        return acc
-
-
-def _field_summary(element, top_k: int):
-    field, summaries = element
-    summaries = list(summaries)
-    tops = [t for s in summaries for t in s["top"]]
-    tops.sort(key=lambda t: (-t[1], t[0]))
-    vocab_values = (
-        pa.concat_arrays([s["vocab"][0] for s in summaries]) if summaries else pa.array([], pa.string())
-    )
-    vocab_counts = np.concatenate([s["vocab"][1] for s in summaries]) if summaries else np.zeros(0, np.int64)
-    order = _order(vocab_values, vocab_counts)
-    vocab = "\n".join(f"{vocab_values[int(i)].as_py()}\t{int(vocab_counts[i])}" for i in order)
-    return field, {
-        "distinct": sum(s["distinct"] for s in summaries),
-        "kept": sum(s["kept"] for s in summaries),
-        "top": tops[:top_k],
-        "vocab": vocab,
-    }
-
-
-def _stats_json(field_stats: dict, summaries: dict, config: CtrIngestConfig) -> dict:
-    fields = {}
-    for name in (*INT_FIELDS, *CAT_FIELDS):
-        s = field_stats.get(name, {"count": 0, "missing": 0})
-        summary = summaries.get(name, {"distinct": 0, "kept": 0, "top": []})
-        entry = {
-            "count": s["count"],
-            "missing": s["missing"],
-            "distinct": summary["distinct"],
-            "kept": summary["kept"],
-            "top": [[v, c] for v, c in summary["top"]],
-        }
-        if name in INT_FIELDS:
-            present = s["count"] - s["missing"]
-            entry["log1p_min"] = s.get("log1p_min") if present else None
-            entry["log1p_max"] = s.get("log1p_max") if present else None
-            entry["log1p_mean"] = s["log1p_sum"] / present if present else None
-        fields[name] = entry
-    return {"split": "train", "min_count": config.min_count, "fields": fields}
-
-
-def _write_vocab(element, out: str):
-    from apache_beam.io.filesystems import FileSystems
-
-    field, summary = element
-    if field in CAT_FIELDS:
-        with FileSystems.create(f"{out}/vocab/{field}.tsv") as f:
-            f.write((summary["vocab"] + "\n" if summary["vocab"] else "").encode())
-    return field
+        yield from feature_stats.batch_statistics(train, INT_FIELDS, CAT_FIELDS, c.stats_shards)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -408,15 +243,15 @@ def _write_vocab(element, out: str):
 
 
 def _report(counts: dict) -> dict:
-    split = counts.get("split") if counts.get("split") is not None else np.zeros(2, np.int64)
+    split = counts.get("split")
+    split = np.zeros(2, np.int64) if split is None or np.ndim(split) == 0 else split
     report = {
         "read": int(counts.get("rows", 0) + counts.get("malformed", 0)),
         "train": int(split[0]),
         "eval": int(split[1]),
         "rejected": int(counts.get("rejected", 0)),
     }
-    if report["read"] != report["train"] + report["eval"] + report["rejected"]:
-        raise RuntimeError(f"counts do not reconcile: {report}")
+    reconcile(report, "read", ("train", "eval", "rejected"))
     return {**report, "rejected_reasons": counts.get("reasons", {})}
 
 
@@ -458,43 +293,28 @@ def build_ctr_ingest(pipeline: beam.Pipeline, config: CtrIngestConfig) -> dict:
     )
     processed[_Process.TRAIN] | "WriteTrain" >> WriteSerializedShards(f"{out}/train", config.shards)
     processed[_Process.EVAL] | "WriteEval" >> WriteSerializedShards(f"{out}/eval", eval_shards)
+    pipeline | "WriteSpec" >> WriteSpec(out, {"train": CTR_SPEC, "eval": CTR_SPEC})
 
     rejected = (malformed, processed[_Process.REJECTED]) | "AllRejected" >> beam.Flatten()
     rejected | "WriteRejected" >> WriteJsonLines(f"{out}/rejected/rejected")
 
-    summaries = (
-        processed[_Process.VALUES]
-        | "ValueCounts" >> beam.CombinePerKey(ValueCounts())
-        | "ShardSummary" >> beam.Map(_shard_summary, config.min_count, config.top_k)
-        | "ByField" >> beam.GroupByKey()
-        | "FieldSummary" >> beam.Map(_field_summary, config.top_k)
+    parts = {tag: processed[tag] for tag in (_Process.VALUES, _Process.FIELD_STATS)}
+    stats = parts | "Statistics" >> feature_stats.FieldStatistics(
+        numeric=INT_FIELDS,
+        categorical=CAT_FIELDS,
+        min_count=config.min_count,
+        top_k=config.top_k,
+        vocab_dir=f"{out}/vocab",
     )
-    summaries | "WriteVocab" >> beam.Map(_write_vocab, out)
-    field_stats = processed[_Process.FIELD_STATS] | "FieldStats" >> beam.CombineGlobally(MergeFieldStats())
-    stats = field_stats | "Stats" >> beam.Map(_stats_json, beam.pvalue.AsDict(summaries), config)
     stats | "WriteStats" >> WriteJson(f"{out}/stats.json")
 
-    def total(pcoll, label, fn):
-        return pcoll | f"{label}Sizes" >> beam.Map(fn) | f"{label}Sum" >> beam.CombineGlobally(sum)
-
     counts = {
-        "rows": total(batches, "Rows", lambda b: b.num_rows),
-        "malformed": total(malformed, "Malformed", lambda _: 1),
-        "split": processed[_Process.COUNTS]
-        | "SplitSum" >> beam.CombineGlobally(lambda xs: sum(xs, np.zeros(2, np.int64))),
-        "rejected": total(rejected, "Rejected", lambda _: 1),
-        "reasons": (
-            rejected
-            | "ReasonKind" >> beam.Map(lambda r: r.reason.split(",")[0])
-            | "CountReasons" >> beam.combiners.Count.PerElement()
-            | "ReasonDict" >> beam.combiners.ToDict()
-        ),
+        "rows": batches | "Rows" >> Total(lambda b: b.num_rows),
+        "malformed": malformed | "Malformed" >> Total(),
+        "split": processed[_Process.COUNTS] | "Split" >> Total(lambda counts: counts),
+        "rejected": rejected | "Rejected" >> Total(),
+        "reasons": rejected | "Reasons" >> ReasonCounts(lambda r: r.split(",")[0]),
     }
-    report = (
-        tuple(v | f"Name[{k}]" >> beam.Map(lambda x, k=k: (k, x)) for k, v in counts.items())
-        | "CountsFlatten" >> beam.Flatten()
-        | "CountsDict" >> beam.combiners.ToDict()
-        | "Report" >> beam.Map(_report)
-    )
+    report = counts | "Counts" >> NamedValues() | "Report" >> beam.Map(_report)
     report | "WriteReport" >> WriteJson(f"{out}/report.json")
     return {"report": report, "stats": stats, "rejected": rejected}

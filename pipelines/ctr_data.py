@@ -25,6 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
+from headrace.models.criteo import CAT_FIELDS, INT_FIELDS
+
 __all__ = [
     "CAT_FIELDS",
     "INFORMATIVE_CAT",
@@ -36,8 +38,6 @@ __all__ = [
     "raw_columns",
 ]
 
-INT_FIELDS = [f"I{i}" for i in range(1, 14)]
-CAT_FIELDS = [f"C{i}" for i in range(1, 27)]
 INFORMATIVE_INT = {"I1": 0.35, "I3": -0.25, "I5": 0.2}  # weight of log1p(value)
 INFORMATIVE_CAT = {"C1": 1.0, "C2": 0.8, "C3": 0.8, "C6": 0.6, "C9": 0.6, "C14": 0.5}  # effect scale
 BIAS = -2.2

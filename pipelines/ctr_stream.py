@@ -19,8 +19,9 @@ Join, per request id, with state and event-time timers (`JoinImpressionsAndActio
 State is kept `grace` seconds past the window, so that a late click is recognised as late rather than
 as an orphan, then cleared.
 
-Examples are lines ``label <TAB> weight <TAB> 39 raw fields``: the Criteo layout with a weight, what the
-online trainer reads from the examples topic.
+Examples are lines of `EXAMPLE_LINE`, ``label <TAB> weight <TAB> 39 raw fields``: the Criteo layout
+with a weight, what the online trainer reads from the examples topic (with the same spec's checks and
+parser).
 """
 
 from __future__ import annotations
@@ -34,9 +35,12 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Timestamp
 
-from headrace.runners import config as config_lib
+from headrace.core import config as config_lib
+from headrace.models.criteo import FIELDS
+from headrace.transforms.line_spec import Column, LineSpec
 
 __all__ = [
+    "EXAMPLE_LINE",
     "Action",
     "CtrJoinConfig",
     "Impression",
@@ -50,7 +54,17 @@ __all__ = [
     "replay_events",
 ]
 
-NUM_FIELDS = 39
+NUM_FIELDS = len(FIELDS)
+
+# The examples topic: one line per example, written by the join, read by the online trainer.
+EXAMPLE_LINE = LineSpec(
+    "ctr_example",
+    [
+        Column("label", "int", choices=("0", "1"), description="1 = clicked within the join window"),
+        Column("weight", "float", positive=True, description="1 / the negative keep rate for negatives"),
+        *(Column(name) for name in FIELDS),
+    ],
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +164,7 @@ def correct_probability(p, keep_rate: float):
 
 
 def example_line(impression: Impression, label: int, weight: float) -> str:
-    return "\t".join([str(label), f"{weight:.6g}", *impression.fields])
+    return EXAMPLE_LINE.format([label, weight, *impression.fields])
 
 
 _IMPRESSION = ReadModifyWriteStateSpec("impression", PickleCoder())

@@ -9,8 +9,9 @@ Input: CSV files with header ``id,x0,x1,x2,x3,tokens,label`` (tokens: space-sepa
 none; label 0 or 1). Without ``--input`` the pipeline generates `num_records` lines from a planted
 logistic model (so the trainer has something to learn) with one malformed line every `malformed_every`.
 
-Outputs in ``--output``: ``train-SSSSS-of-NNNNN.tfrecord``, ``eval-...``, ``rejected-...jsonl`` (each
-unused line with file, line number and reason), ``report.json`` and ``resolved_config.json``.
+Outputs in ``--output``: ``train-SSSSS-of-NNNNN.tfrecord``, ``eval-...``, ``spec.json`` (`EXAMPLE_SPEC`,
+what `dataset` reads them with), ``rejected-...jsonl`` (each unused line with file, line number and
+reason), ``report.json`` and ``resolved_config.json``.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ from collections.abc import Iterator
 import apache_beam as beam
 import numpy as np
 
-from headrace.runners import config as config_lib
-from headrace.transforms.io import CountAll, Line, ReadLines, Rejected, WriteJson, WriteJsonLines
-from headrace.transforms.tfrecord import Feature, FeatureSpec, WriteTFRecordShards
+from headrace.core import config as config_lib
+from headrace.transforms.counting import CountAll, ReasonCounts, reconcile
+from headrace.transforms.io import Line, ReadLines, Rejected, WriteJson, WriteJsonLines
+from headrace.transforms.tfrecord import Feature, FeatureSpec, WriteSpec, WriteTFRecordShards, output_dataset
 
 __all__ = [
     "EXAMPLE_SPEC",
     "ExampleConfig",
     "build_example",
+    "dataset",
     "generate_lines",
     "parse_line",
     "planted_probability",
@@ -49,6 +52,13 @@ EXAMPLE_SPEC = FeatureSpec(
         "label": Feature("int64", description="0 or 1"),
     },
 )
+
+
+def dataset(out: str, split: str, batch_size: int, **kwargs):
+    """Batched records of ``OUT/{split}-*.tfrecord`` (``train`` or ``eval``), parsed by `EXAMPLE_SPEC`:
+    ``{"id" [B], "dense" [B, 4], "tokens" ragged [B, None], "label" [B]}``. Keyword arguments go to
+    `headrace.transforms.tfrecord.tfrecord_dataset` (shuffle, seed, repeat...)."""
+    return output_dataset(out, split, batch_size, EXAMPLE_SPEC, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,9 +183,24 @@ def is_eval(record_id: str, eval_fraction: float) -> bool:
 
 def _report(counts: dict, reasons: dict) -> dict:
     counts = {k: counts.get(k, 0) for k in ("read", "train", "eval", "rejected")}
-    if counts["read"] != counts["train"] + counts["eval"] + counts["rejected"]:
-        raise RuntimeError(f"counts do not reconcile: {counts}")
+    reconcile(counts, "read", ("train", "eval", "rejected"))
     return {**counts, "rejected_reasons": dict(sorted(reasons.items()))}
+
+
+@beam.ptransform_fn
+@beam.typehints.with_output_types(Line)
+def GenerateLines(pbegin, num_records: int, seed: int, malformed_every: int, chunk: int = 5_000):
+    """`generate_lines` in chunks of `chunk` lines, spread over workers."""
+    starts = range(0, num_records, chunk)
+    return (
+        pbegin
+        | "Chunks" >> beam.Create([(s, min(chunk, num_records - s)) for s in starts])
+        | "Generate"
+        >> beam.FlatMap(
+            lambda sc, seed, every: generate_lines(seed, sc[0], sc[1], every), seed, malformed_every
+        )
+        | "Spread" >> beam.Reshuffle()
+    )
 
 
 def build_example(pipeline: beam.Pipeline, config: ExampleConfig) -> dict:
@@ -184,18 +209,8 @@ def build_example(pipeline: beam.Pipeline, config: ExampleConfig) -> dict:
     if config.input:
         lines = pipeline | "Read" >> ReadLines(config.input, skip_header_lines=1)
     else:
-        chunk = 5_000
-        starts = range(0, config.num_records, chunk)
-        lines = (
-            pipeline
-            | "Chunks" >> beam.Create([(s, min(chunk, config.num_records - s)) for s in starts])
-            | "Generate"
-            >> beam.FlatMap(
-                lambda sc, seed, every: generate_lines(seed, sc[0], sc[1], every),
-                config.seed,
-                config.malformed_every,
-            )
-            | "Spread" >> beam.Reshuffle()
+        lines = pipeline | "Generate" >> GenerateLines(
+            config.num_records, config.seed, config.malformed_every
         )
     parsed = lines | "Parse" >> beam.ParDo(_Parse()).with_outputs(_Parse.REJECTED, main="ok")
     records, rejected = parsed.ok, parsed[_Parse.REJECTED]
@@ -206,6 +221,7 @@ def build_example(pipeline: beam.Pipeline, config: ExampleConfig) -> dict:
     eval_shards = max(1, math.ceil(config.shards * config.eval_fraction))
     train | "WriteTrain" >> WriteTFRecordShards(EXAMPLE_SPEC, f"{out}/train", config.shards)
     evals | "WriteEval" >> WriteTFRecordShards(EXAMPLE_SPEC, f"{out}/eval", eval_shards)
+    pipeline | "WriteSpec" >> WriteSpec(out, {"train": EXAMPLE_SPEC, "eval": EXAMPLE_SPEC})
     rejected | "WriteRejected" >> WriteJsonLines(f"{out}/rejected")
 
     counts = {
@@ -214,12 +230,7 @@ def build_example(pipeline: beam.Pipeline, config: ExampleConfig) -> dict:
         "eval": evals,
         "rejected": rejected,
     } | "Counts" >> CountAll()
-    reasons = (
-        rejected
-        | "ReasonKind" >> beam.Map(lambda r: r.reason.split(":")[0])
-        | "CountReasons" >> beam.combiners.Count.PerElement()
-        | "ReasonsToDict" >> beam.combiners.ToDict()
-    )
+    reasons = rejected | "Reasons" >> ReasonCounts()
     report = counts | "Report" >> beam.Map(_report, beam.pvalue.AsSingleton(reasons))
     report | "WriteReport" >> WriteJson(f"{out}/report.json")
     return {"train": train, "eval": evals, "rejected": rejected, "report": report}

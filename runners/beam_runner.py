@@ -15,18 +15,19 @@ Runners (``--runner``):
   ``--setup_file`` is given. ``dry_run=True`` builds and validates the job graph without submitting.
 
 `run_pipeline` is the contract: outputs are written under a staging directory beside ``output`` and renamed
-into place only when the whole pipeline succeeded, so a failed run leaves nothing half-written; the
-resolved config is written next to the outputs.
+into place only when the whole pipeline succeeded (`headrace.core.outputs.staged_output`), so a failed run
+leaves nothing half-written; the resolved config is written next to the outputs. A Flink run without
+``--job_endpoint`` gets a job server of its own for the run, stopped when it ends (Beam's own would live
+until the Python process exits); with ``--job_endpoint=HOST:PORT`` it uses that one
+(`headrace.runners.stack.flink_job_server`, what the tests share).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-import os
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,19 +44,18 @@ from apache_beam.options.pipeline_options import (
     WorkerOptions,
 )
 
-from headrace.runners import config as config_lib
-from headrace.runners import jars
-from headrace.runners.errors import ConfigError, HeadraceError
+from headrace.core import config as config_lib
+from headrace.core.errors import ConfigError, HeadraceError
+from headrace.core.outputs import staged_output
+from headrace.runners import jars, stack
 
 __all__ = [
     "RUNNERS",
-    "WORK_DIR",
     "RunResult",
     "create_pipeline",
     "pipeline_options",
     "resolve_runner",
     "run_pipeline",
-    "staged_output",
 ]
 
 _log = logging.getLogger(__name__)
@@ -77,10 +77,6 @@ _ALIASES = {
     "portable": "PortableRunner",
 }
 _LOCAL_FLINK_MASTERS = ("[local]", "[auto]", "localhost", "127.0.0.1")
-
-# Pipelines may keep intermediate files under OUTPUT/.work (e.g. EM chunks read every iteration); the
-# directory is removed before the output is committed, and never appears in a finished output.
-WORK_DIR = ".work"
 
 
 def resolve_runner(name: str | None) -> str:
@@ -167,6 +163,16 @@ def pipeline_options(
     return name, options
 
 
+def _flink_master(args: Sequence[str]) -> str:
+    """The ``--flink_master`` of `args` ([local] when absent): the job server submits there."""
+    for i, a in enumerate(args):
+        if a.startswith("--flink_master="):
+            return a.split("=", 1)[1]
+        if a == "--flink_master" and i + 1 < len(args):
+            return args[i + 1]
+    return "[local]"
+
+
 def _wheel_for_workers() -> Path:
     """The headrace wheel Dataflow workers install (built by `make wheel` into dist/)."""
     from importlib import metadata
@@ -203,78 +209,6 @@ def create_pipeline(
 # ---------------------------------------------------------------------------------------------------
 
 
-class staged_output:
-    """Context manager giving a staging directory that becomes `output` only if the block succeeds.
-
-    On a local filesystem the commit is one ``rename`` of the directory, so readers see either no output
-    or all of it. With ``overwrite=True`` an existing `output` is replaced after the new one is complete.
-    On failure the staging directory is removed and any existing output is left untouched.
-
-    Object stores (``gs://``) have no directory rename: there the files are renamed one by one into
-    `output` after success and an empty ``_SUCCESS`` file is written last; readers wait for it.
-    """
-
-    def __init__(self, output: str | os.PathLike, *, overwrite: bool = False):
-        self.remote = "://" in str(output)
-        self.overwrite = overwrite
-        tag = uuid.uuid4().hex[:8]
-        if self.remote:
-            self.output = str(output).rstrip("/")
-            parent, _, base = self.output.rpartition("/")
-            self.staging = f"{parent}/.{base}.staging-{tag}"
-        else:
-            self.output = Path(output).absolute()
-            self.staging = self.output.parent / f".{self.output.name}.staging-{tag}"
-
-    def __enter__(self):
-        if self.remote:
-            from apache_beam.io.filesystems import FileSystems
-
-            if FileSystems.exists(self.output + "/_SUCCESS") and not self.overwrite:
-                raise HeadraceError(f"output {self.output} already exists; pass --overwrite")
-            return self.staging
-        if self.output.exists() and not self.overwrite:
-            raise HeadraceError(f"output {self.output} already exists; pass --overwrite to replace it")
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        self.staging.mkdir()
-        return self.staging
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self.remote:
-            self._exit_remote(failed=exc_type is not None)
-            return
-        if exc_type is not None:
-            shutil.rmtree(self.staging, ignore_errors=True)
-            return
-        shutil.rmtree(self.staging / WORK_DIR, ignore_errors=True)
-        if self.output.exists():
-            trash = self.output.parent / f".{self.output.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(self.output, trash)
-            os.rename(self.staging, self.output)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(self.staging, self.output)
-
-    def _exit_remote(self, *, failed: bool) -> None:
-        from apache_beam.io.filesystems import FileSystems
-
-        staged = [m.path for r in FileSystems.match([self.staging + "/**"]) for m in r.metadata_list]
-        if failed:
-            if staged:
-                FileSystems.delete(staged)
-            return
-        work = [p for p in staged if p.startswith(f"{self.staging}/{WORK_DIR}/")]
-        if work:
-            FileSystems.delete(work)
-        staged = [p for p in staged if p not in set(work)]
-        if self.overwrite:
-            old = [m.path for r in FileSystems.match([self.output + "/**"]) for m in r.metadata_list]
-            if old:
-                FileSystems.delete(old)
-        FileSystems.rename(staged, [self.output + p[len(self.staging) :] for p in staged])
-        FileSystems.create(self.output + "/_SUCCESS").close()
-
-
 @dataclasses.dataclass
 class RunResult:
     output: Path
@@ -302,12 +236,13 @@ def run_pipeline(
     if not output:
         raise ConfigError("--output is required")
     name = resolve_runner(runner)
-    with staged_output(output, overwrite=overwrite) as staging:
+    beam_args = list(beam_args)
+    with contextlib.ExitStack() as services, staged_output(output, overwrite=overwrite) as staging:
+        if name == "FlinkRunner" and not _has_flag(beam_args, "--job_endpoint"):
+            beam_args.append(
+                f"--job_endpoint={services.enter_context(stack.flink_job_server(_flink_master(beam_args)))}"
+            )
         staged_config = dataclasses.replace(config, output=str(staging))
-        if isinstance(staging, str):  # object store: resolved config goes up with the outputs
-            staging_dir = None
-        else:
-            staging_dir = staging
         pipeline = create_pipeline(name, beam_args, job_name=job_name)
         build(pipeline, staged_config)
         start = time.perf_counter()
@@ -317,12 +252,12 @@ def run_pipeline(
         if str(state) not in ("DONE", "PipelineState.DONE"):
             raise HeadraceError(f"pipeline finished in state {state}")
         extra = {"runner": name, "beam_args": list(beam_args), "seconds": round(seconds, 3)}
-        if staging_dir is not None:
-            config_lib.dump(config, staging_dir / "resolved_config.json", extra=extra)
-        else:
+        if isinstance(staging, str):  # object store: the resolved config goes up with the outputs
             from apache_beam.io.filesystems import FileSystems
 
             with FileSystems.create(f"{staging}/resolved_config.json") as f:
                 f.write(config_lib.dumps(config, extra=extra).encode())
+        else:
+            config_lib.dump(config, staging / "resolved_config.json", extra=extra)
     _log.info("%s: %s finished in %.1fs", output, name, seconds)
     return RunResult(output=Path(output), runner=name, seconds=seconds, state=str(state))

@@ -27,9 +27,9 @@ import typing
 import warnings
 from collections.abc import Sequence
 
+from headrace.core import config as config_lib
+from headrace.core.errors import ConfigError, HeadraceError
 from headrace.runners import commands
-from headrace.runners import config as config_lib
-from headrace.runners.errors import ConfigError, HeadraceError
 
 __all__ = ["main"]
 
@@ -238,7 +238,7 @@ def _train(name: str, argv: Sequence[str], table=commands.TRAINERS) -> int:
     _setup_logging(args.verbose)
     mesh_spec = getattr(config, "mesh", None)
     n = 0
-    from headrace.runners import mesh as mesh_lib
+    from headrace.core import mesh as mesh_lib
 
     if mesh_spec:
         n = math.prod(size for _, size in mesh_lib.parse_mesh(mesh_spec))
@@ -343,12 +343,13 @@ def _stack(argv: Sequence[str]) -> int:
 def _demo(argv: Sequence[str]) -> int:
     parser = _Parser(prog="headrace demo", description="the main job on embedded defaults")
     parser.add_argument("--workdir", default="headrace-demo", help="where the demo writes (replaced)")
+    parser.add_argument("--small", action="store_true", help="the same stages on a fraction of the data")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     from headrace.runners import demo
 
-    return demo.run_demo(args.workdir)
+    return demo.run_demo(args.workdir, demo.SMALL if args.small else demo.FULL)
 
 
 def _usage() -> str:

@@ -115,7 +115,7 @@ PREDICTORS = {
         Command(
             "predict",
             "unet3d",
-            "headrace.runners.train_unet3d",
+            "headrace.runners.predict_unet3d",
             "predict",
             "unet3d-predict",
             "sliding-window segmentation of ct-ingest volumes with a trained unet3d",

@@ -2,11 +2,13 @@
 
 Pipelines run on the in-process FnApiRunner, trainers on an 8-device virtual CPU mesh (GPUs when present),
 and the demo prints one summary line per stage with its figures. It must finish in under 10 minutes on a
-2-core machine; each stage is sized for that.
+2-core machine; each stage is sized for that (`FULL`). `SMALL` runs the same stages on a fraction of the
+data (``headrace demo --small``, and the test of the demo).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -15,18 +17,48 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["run_demo"]
+__all__ = ["FULL", "SMALL", "Sizes", "run_demo"]
 
 _log = logging.getLogger("headrace.demo")
 
 MESH = "batch=4,model=2"
 
 
-def _example(workdir: Path) -> tuple[str, str]:
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """How much data and training each stage gets."""
+
+    example_records: int = 20_000
+    mlp_steps: int = 300
+    crowd_tasks: int = 3000
+    crowd_iterations: int = 30
+    classifier_epochs: int = 8
+    ctr_lines: int = 200_000
+    ct_depth: int = 48
+    ct_side: int = 96
+    unet_steps: int = 60
+
+
+FULL = Sizes()
+SMALL = Sizes(
+    example_records=4000,
+    mlp_steps=60,
+    crowd_tasks=600,
+    crowd_iterations=8,
+    classifier_epochs=2,
+    ctr_lines=30_000,
+    ct_depth=24,
+    ct_side=48,
+    unet_steps=8,
+)
+
+
+def _example(workdir: Path, sizes: Sizes) -> tuple[str, str]:
     from headrace.pipelines.example import ExampleConfig, build_example
     from headrace.runners.beam_runner import run_pipeline
 
-    result = run_pipeline(build_example, ExampleConfig(output=str(workdir / "example")), overwrite=True)
+    config = ExampleConfig(output=str(workdir / "example"), num_records=sizes.example_records)
+    result = run_pipeline(build_example, config, overwrite=True)
     r = json.loads((result.output / "report.json").read_text())
     return (
         "run example (FnApiRunner)",
@@ -35,14 +67,16 @@ def _example(workdir: Path) -> tuple[str, str]:
     )
 
 
-def _mlp(workdir: Path) -> tuple[str, str]:
+def _mlp(workdir: Path, sizes: Sizes) -> tuple[str, str]:
     from headrace.models import metrics
     from headrace.pipelines.example import EXAMPLE_SPEC, planted_probability
     from headrace.runners.train_mlp import MLPTrainConfig, train_and_evaluate
     from headrace.transforms.tfrecord import read_examples
 
     data = workdir / "example"
-    m = train_and_evaluate(MLPTrainConfig(data=str(data), output=str(workdir / "mlp"), mesh=MESH))
+    m = train_and_evaluate(
+        MLPTrainConfig(data=str(data), output=str(workdir / "mlp"), mesh=MESH, steps=sizes.mlp_steps)
+    )
     evals = list(read_examples(str(data / "eval-*.tfrecord"), EXAMPLE_SPEC))
     bayes = metrics.auc(
         [int(e["label"]) for e in evals],
@@ -55,12 +89,13 @@ def _mlp(workdir: Path) -> tuple[str, str]:
     )
 
 
-def _crowd(workdir: Path) -> tuple[str, str]:
+def _crowd(workdir: Path, sizes: Sizes) -> tuple[str, str]:
     from headrace.pipelines.crowd import CrowdConfig, build_crowd_labels
     from headrace.pipelines.crowd_data import generate
     from headrace.runners.beam_runner import run_pipeline
 
-    data = generate(workdir / "crowd-data", num_tasks=3000, num_workers=3000, labels_per_task=5, seed=7)
+    n = sizes.crowd_tasks
+    data = generate(workdir / "crowd-data", num_tasks=n, num_workers=n, labels_per_task=5, seed=7)
     acc, seconds = {}, 0.0
     for method in ("majority_vote", "dawid_skene", "groupanno"):
         result = run_pipeline(
@@ -72,7 +107,7 @@ def _crowd(workdir: Path) -> tuple[str, str]:
                 truth=data.truth,
                 output=str(workdir / f"crowd-{method}"),
                 method=method,
-                iterations=30,
+                iterations=sizes.crowd_iterations,
             ),
         )
         seconds += result.seconds
@@ -84,12 +119,15 @@ def _crowd(workdir: Path) -> tuple[str, str]:
     )
 
 
-def _crowd_classifier(workdir: Path) -> tuple[str, str]:
+def _crowd_classifier(workdir: Path, sizes: Sizes) -> tuple[str, str]:
     from headrace.runners.train_crowd_classifier import CrowdClassifierConfig, train_and_evaluate
 
     m = train_and_evaluate(
         CrowdClassifierConfig(
-            data=str(workdir / "crowd-groupanno"), output=str(workdir / "crowd-classifier"), mesh=MESH
+            data=str(workdir / "crowd-groupanno"),
+            output=str(workdir / "crowd-classifier"),
+            mesh=MESH,
+            epochs=sizes.classifier_epochs,
         )
     )
     return (
@@ -99,13 +137,17 @@ def _crowd_classifier(workdir: Path) -> tuple[str, str]:
     )
 
 
-def _ctr_ingest(workdir: Path) -> tuple[str, str]:
+def _ctr_ingest(workdir: Path, sizes: Sizes) -> tuple[str, str]:
     from headrace.pipelines.ctr import CtrIngestConfig, build_ctr_ingest
     from headrace.pipelines.ctr_data import generate
     from headrace.runners.beam_runner import run_pipeline
 
     log = generate(
-        workdir / "ctr-log" / "day0.tsv.gz", 200_000, seed=0, malformed_every=20_000, compress=True
+        workdir / "ctr-log" / "day0.tsv.gz",
+        sizes.ctr_lines,
+        seed=0,
+        malformed_every=sizes.ctr_lines // 10,
+        compress=True,
     )
     result = run_pipeline(
         build_ctr_ingest, CtrIngestConfig(input=log.path, output=str(workdir / "ctr"), min_count=5)
@@ -122,7 +164,7 @@ def _ctr_ingest(workdir: Path) -> tuple[str, str]:
     )
 
 
-def _ctr_train(workdir: Path) -> tuple[str, str]:
+def _ctr_train(workdir: Path, sizes: Sizes) -> tuple[str, str]:
     import numpy as np
 
     from headrace.models import metrics
@@ -147,7 +189,7 @@ def _ctr_train(workdir: Path) -> tuple[str, str]:
     )
 
 
-def _ct_ingest(workdir: Path) -> tuple[str, str]:
+def _ct_ingest(workdir: Path, sizes: Sizes) -> tuple[str, str]:
     import numpy as np
 
     from headrace.pipelines import ct_data
@@ -158,11 +200,12 @@ def _ct_ingest(workdir: Path) -> tuple[str, str]:
     for k in range(
         3
     ):  # three DICOM series (slope/intercept, shuffled file names), one with a duplicate slice
-        hu = ct_data.phantom((48, 96, 96), seed=k).hu
-        positions = None if k < 2 else [float(i - (i == 10)) * 2.5 for i in range(48)]
+        hu = ct_data.phantom((sizes.ct_depth, sizes.ct_side, sizes.ct_side), seed=k).hu
+        positions = None if k < 2 else [float(i - (i == 10)) * 2.5 for i in range(sizes.ct_depth)]
         ct_data.write_dicom_series(src / f"patient{k}", hu, seed=k, slope=0.5, positions=positions)
     for k in range(3):  # three labelled NIfTI cases for the U-Net
-        ph = ct_data.phantom((40, 96, 96), seed=9 + k, lesion_radius=0.3)
+        depth = sizes.ct_depth * 5 // 6
+        ph = ct_data.phantom((depth, sizes.ct_side, sizes.ct_side), seed=9 + k, lesion_radius=0.3)
         ct_data.write_nifti(src / "nifti" / f"case{k}.nii.gz", ph.hu)
         ct_data.write_nifti(src / "nifti" / f"case{k}_label.nii.gz", ph.label, dtype=np.uint8)
     (src / "patient0" / "notes.txt").write_text("not a DICOM file")
@@ -181,7 +224,7 @@ def _ct_ingest(workdir: Path) -> tuple[str, str]:
     )
 
 
-def _unet3d(workdir: Path) -> tuple[str, str]:
+def _unet3d(workdir: Path, sizes: Sizes) -> tuple[str, str]:
     from headrace.runners.train_unet3d import UNet3DTrainConfig, train_and_evaluate
 
     m = train_and_evaluate(
@@ -189,7 +232,7 @@ def _unet3d(workdir: Path) -> tuple[str, str]:
             data=str(workdir / "ct"),
             output=str(workdir / "unet3d"),
             partitions=4,
-            steps=60,
+            steps=sizes.unet_steps,
             patch=(16, 48, 48),
             channels=8,
             learning_rate=3e-3,
@@ -203,7 +246,7 @@ def _unet3d(workdir: Path) -> tuple[str, str]:
     )
 
 
-STAGES: list[tuple[str, Callable[[Path], tuple[str, str]]]] = [
+STAGES: list[tuple[str, Callable[[Path, Sizes], tuple[str, str]]]] = [
     ("example", _example),
     ("mlp", _mlp),
     ("crowd-labels", _crowd),
@@ -215,8 +258,8 @@ STAGES: list[tuple[str, Callable[[Path], tuple[str, str]]]] = [
 ]
 
 
-def run_demo(workdir: str) -> int:
-    from headrace.runners import mesh as mesh_lib
+def run_demo(workdir: str, sizes: Sizes = FULL) -> int:
+    from headrace.core import mesh as mesh_lib
 
     # Before anything starts TensorFlow's runtime. BFC: unet3d measures its peak memory per device.
     os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
@@ -231,7 +274,7 @@ def run_demo(workdir: str) -> int:
         t = time.perf_counter()
         _log.info("demo: %s", name)
         try:
-            label, figures = stage(root)
+            label, figures = stage(root, sizes)
         except Exception as exc:  # the demo reports every stage, then fails
             _log.exception("demo stage %s failed", name)
             label, figures = name, f"FAILED: {exc}"

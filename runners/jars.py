@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from headrace.runners.errors import MissingDependencyError
+from headrace.core.errors import MissingDependencyError
 
 __all__ = ["BEAM_VERSION", "FLINK_VERSION", "JARS", "KAFKA_VERSION", "Jar", "cache_dir", "fetch", "jar_path"]
 

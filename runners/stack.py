@@ -1,4 +1,4 @@
-"""The local streaming stack: a Kafka broker on loopback and the KafkaIO expansion service.
+"""The local JVM services: a Kafka broker on loopback, the KafkaIO expansion service, Flink's job server.
 
     headrace stack up [--kafka-port 9092]     start a broker (KRaft mode, no ZooKeeper) in the cache folder
     headrace stack status                     where it listens, its pid, its log
@@ -12,7 +12,8 @@ yields; the expanded Java transforms run in an EMBEDDED environment, i.e. inside
 JVM (there is no Docker here for Beam's default Java environment).
 
 Tests start their own broker on a free port (`start_kafka`, the ``kafka_broker`` fixture); `stack up`
-is for people and demos. Nothing listens beyond 127.0.0.1.
+is for people and demos. `flink_job_server` runs Beam's Flink job server for a block (one per test session,
+one per `run_pipeline` otherwise). Nothing listens beyond 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,14 +33,15 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from headrace.core.errors import HeadraceError
 from headrace.runners import jars
-from headrace.runners.errors import HeadraceError
 
 __all__ = [
     "KafkaBroker",
     "create_topics",
     "end_offsets",
     "expansion_service",
+    "flink_job_server",
     "free_port",
     "start_kafka",
     "status",
@@ -262,38 +265,76 @@ def end_offsets(bootstrap: str, topics) -> dict[tuple[str, int], int]:
 
 
 @contextlib.contextmanager
+def _service(what: str, command: list[str], port: int, log: Path, timeout: float) -> Iterator[str]:
+    """Runs `command` (a JVM serving on `port`) for the block's duration; yields ``localhost:PORT`` once it
+    accepts connections. Raises StackError with the end of its log when it does not start."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while not _listening(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise StackError(f"{what} did not start:\n{_tail(log)}")
+            time.sleep(0.3)
+        _log.info("%s on localhost:%d (pid %d)", what, port, proc.pid)
+        yield f"localhost:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@contextlib.contextmanager
 def expansion_service(timeout: float = 60.0, experiments=()) -> Iterator[str]:
     """Runs the KafkaIO expansion service (from the Flink job-server jar) for the block's duration and
     yields its ``localhost:PORT``. Transforms it expands run EMBEDDED in the Flink job server."""
     jar = jars.jar_path("flink-job-server")
     port = free_port()
     log = jars.cache_dir() / "stack" / f"expansion-{port}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                "java",
-                "-cp",
-                str(jar),
-                "org.apache.beam.sdk.expansion.service.ExpansionService",
-                str(port),
-                "--defaultEnvironmentType=EMBEDDED",
-                *(f"--experiments={e}" for e in experiments),
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    command = [
+        "java",
+        "-cp",
+        str(jar),
+        "org.apache.beam.sdk.expansion.service.ExpansionService",
+        str(port),
+        "--defaultEnvironmentType=EMBEDDED",
+        *(f"--experiments={e}" for e in experiments),
+    ]
     try:
-        deadline = time.monotonic() + timeout
-        while not _listening(port):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise StackError(f"KafkaIO expansion service did not start:\n{_tail(log)}")
-            time.sleep(0.3)
-        yield f"localhost:{port}"
+        with _service("KafkaIO expansion service", command, port, log, timeout) as address:
+            yield address
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
         log.unlink(missing_ok=True)
+
+
+# -- Flink job server ------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def flink_job_server(flink_master: str = "[local]", timeout: float = 120.0) -> Iterator[str]:
+    """Runs Beam's Flink job server (the jar `make jars` builds) for the block's duration and yields its
+    job endpoint ``localhost:PORT``, for ``--job_endpoint``.
+
+    Beam starts one job server per pipeline run when none is given and stops it only when the Python
+    process exits (about 1 GB each): a process that runs several Flink pipelines (a test session, a
+    benchmark) shares one through this, and a run through `headrace.runners.beam_runner.run_pipeline`
+    without ``--job_endpoint`` gets its own, stopped when the run ends. With ``[local]`` the job server
+    runs the pipeline on an embedded Flink cluster in its own JVM."""
+    import tempfile
+
+    jar = jars.jar_path("flink-job-server")
+    port = free_port()
+    artifacts = tempfile.mkdtemp(prefix="headrace-flink-artifacts-")
+    command = ["java", "-jar", str(jar), "--flink-master", flink_master, "--artifacts-dir", artifacts]
+    command += ["--job-port", str(port), "--artifact-port", "0", "--expansion-port", "0"]
+    try:
+        with _service(
+            "Flink job server", command, port, Path(artifacts) / "job-server.log", timeout
+        ) as address:
+            yield address
+    finally:
+        shutil.rmtree(artifacts, ignore_errors=True)

@@ -20,42 +20,13 @@ import signal
 import time
 from pathlib import Path
 
+from headrace.core.errors import InputError
 from headrace.pipelines.ctr_stream import CtrJoinConfig, ReplayConfig, build_ctr_join, replay_events
-from headrace.runners.errors import InputError
+from headrace.runners.kafka import KafkaProducer
 
 __all__ = ["ctr_join", "replay"]
 
 _log = logging.getLogger("headrace.stream")
-
-
-class KafkaProducer:
-    """Messages to Kafka topics with tfio's producer (librdkafka); no keys.
-
-    One producer resource per topic, each under its own shared name: tfio's op kernels are cached by
-    their attributes, so without one every KafkaOutputSequence in a process is the same resource, and the
-    second topic's sequence silently takes over the first's (seen: impressions landing on the actions
-    topic)."""
-
-    def __init__(self, bootstrap: str, linger_ms: int = 5):
-        self._metadata = [f"bootstrap.servers={bootstrap}", f"linger.ms={linger_ms}"]
-        self._topics: dict[str, tuple[object, itertools.count]] = {}
-
-    def send(self, topic: str, message: str | bytes) -> None:
-        from tensorflow_io.python.ops import core_ops
-
-        if topic not in self._topics:
-            resource = core_ops.io_kafka_output_sequence(
-                topic=topic, metadata=self._metadata, shared_name=f"headrace-producer-{topic}"
-            )
-            self._topics[topic] = (resource, itertools.count())
-        resource, index = self._topics[topic]
-        core_ops.io_kafka_output_sequence_set_item(resource, next(index), message)
-
-    def flush(self) -> None:
-        from tensorflow_io.python.ops import core_ops
-
-        for resource, _ in self._topics.values():
-            core_ops.io_kafka_output_sequence_flush(resource)
 
 
 def replay(config: ReplayConfig) -> dict:
@@ -103,6 +74,7 @@ def ctr_join(config: CtrJoinConfig, runner: str | None, beam_args) -> int:
     from headrace.runners.beam_runner import create_pipeline, resolve_runner
 
     runner = runner or "FlinkRunner"
+    beam_args = list(beam_args)
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
@@ -113,7 +85,12 @@ def ctr_join(config: CtrJoinConfig, runner: str | None, beam_args) -> int:
         _log.info("ctr-join: created topics %s (%d partitions each)", created, config.partitions)
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        with stack.expansion_service(experiments=["use_deprecated_read"]) as address:
+        with contextlib.ExitStack() as services:
+            address = services.enter_context(stack.expansion_service(experiments=["use_deprecated_read"]))
+            if resolve_runner(runner) == "FlinkRunner" and not any(
+                a.startswith("--job_endpoint") for a in beam_args
+            ):
+                beam_args.append(f"--job_endpoint={services.enter_context(stack.flink_job_server())}")
             pipeline = create_pipeline(runner, beam_args, streaming=True, job_name="headrace-ctr-join")
             build_ctr_join(pipeline, config, address)
             result = pipeline.run()

@@ -7,7 +7,8 @@ batches of up to `batch_rows` rows (all columns as strings, exactly as written),
 wrong number of fields, and blank lines, are emitted as `Rejected` with their text.
 
 `string_hash` hashes an Arrow string array in numpy without materialising Python strings (a polynomial
-hash over the UTF-8 bytes), for hash partitioning; `partition` splits a batch by a key column's hash.
+hash over the UTF-8 bytes), for hash partitioning; `partition` splits a batch by a key column's hash;
+`UnionStrings` combines the distinct values of many batches (vocabularies).
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ import pyarrow.csv as pcsv
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from headrace.runners.errors import InputError
+from headrace.core.errors import InputError
 from headrace.transforms.io import Rejected, match_files
 
 __all__ = [
     "CsvBatch",
     "ReadCsvBatches",
     "ReadParquetBatches",
+    "UnionStrings",
     "check_header",
     "iter_csv_batches",
     "partition",
@@ -397,3 +399,24 @@ def unique_strings(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     if isinstance(uniq, pa.ChunkedArray):
         uniq = uniq.combine_chunks()
     return uniq.take(pc.sort_indices(uniq))
+
+
+class UnionStrings(beam.CombineFn):
+    """Distinct strings of many Arrow arrays, sorted (the class and worker vocabularies)."""
+
+    def create_accumulator(self):
+        return []
+
+    def add_input(self, acc, values):
+        acc.append(values)
+        if len(acc) > 64:
+            acc[:] = [unique_strings(pa.chunked_array(acc, type=pa.string()))]
+        return acc
+
+    def merge_accumulators(self, accs):
+        return [a for acc in accs for a in acc]
+
+    def extract_output(self, acc):
+        if not acc:
+            return pa.array([], type=pa.string())
+        return unique_strings(pa.chunked_array(acc, type=pa.string()))

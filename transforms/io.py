@@ -4,29 +4,28 @@
   came from (gzip and other compressions by extension). Files are read whole by one worker each and the
   lines reshuffled, which parallelises parsing; inputs meant for scale come as many files (as Criteo's
   daily logs do).
-* `CountAll`: counts of several PCollections as one dict, for report.json and reconciliation checks.
-* `WriteJson` / `WriteJsonLines`: a single JSON file or line-delimited JSON, written by Beam's text sink.
+* `WriteJson` / `WriteJsonLines`: a single JSON file or line-delimited JSON, written by Beam's text sink;
+  `WriteTextWithHeader`: one text file whose header is computed in the pipeline.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from headrace.runners.errors import InputError
+from headrace.core.errors import InputError
 
 __all__ = [
-    "CountAll",
     "Line",
     "ReadLines",
     "Rejected",
     "WriteJson",
     "WriteJsonLines",
+    "WriteTextWithHeader",
     "match_files",
 ]
 
@@ -99,24 +98,6 @@ def ReadLines(pbegin, file_pattern: str, *, skip_header_lines: int = 0, reshuffl
 
 
 @beam.ptransform_fn
-def CountAll(pcolls: Mapping[str, Any]):
-    """``{name: pcoll}`` -> a single-element PCollection ``{name: count}`` (zero for empty inputs)."""
-    pipeline = next(iter(pcolls.values())).pipeline
-    counted = []
-    for name, pcoll in pcolls.items():
-        counted.append(
-            pcoll
-            | f"Count[{name}]" >> beam.combiners.Count.Globally()
-            | f"Name[{name}]" >> beam.Map(lambda n, name=name: (name, n))
-        )
-    return (
-        (tuple(counted) if counted else (pipeline | beam.Create([])))
-        | "Merge" >> beam.Flatten()
-        | "ToDict" >> beam.combiners.ToDict()
-    )
-
-
-@beam.ptransform_fn
 def WriteJson(pcoll, path: str):
     """Writes the single dict in `pcoll` to `path` as indented JSON."""
     return (
@@ -135,6 +116,23 @@ def WriteJsonLines(pcoll, file_path_prefix: str, *, num_shards: int = 1):
         >> beam.Map(lambda r: r.to_json() if hasattr(r, "to_json") else json.dumps(r, default=_jsonable))
         | "Write" >> beam.io.WriteToText(file_path_prefix, file_name_suffix=".jsonl", num_shards=num_shards)
     )
+
+
+class WriteTextWithHeader(beam.PTransform):
+    """The lines of `pcoll` as one text file after a `header` line computed in the pipeline (a
+    single-element PCollection: e.g. CSV columns named by the classes found)."""
+
+    def __init__(self, path: str, header):
+        super().__init__()
+        self.path, self.header = path, header
+
+    def expand(self, pcoll):
+        body = pcoll | "Body" >> beam.combiners.ToList()
+        return (
+            self.header
+            | "Join" >> beam.Map(lambda h, rows: "\n".join([h, *rows]), beam.pvalue.AsSingleton(body))
+            | "Write" >> beam.io.WriteToText(self.path, shard_name_template="")
+        )
 
 
 def _jsonable(value: Any) -> Any:

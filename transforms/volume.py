@@ -19,13 +19,15 @@ whole voxels) and coordinates past the last voxel take its value. Images are int
 labels take the nearest voxel; the result equals `scipy.ndimage.map_coordinates` (order 1 or 0,
 ``mode="nearest"``) on the same grid, computed one output slice at a time in float64, so the only
 extra memory is the output volume.
+
+`sliding_window` segments a volume of any size with a patch predictor (overlapping windows averaged).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -40,6 +42,7 @@ __all__ = [
     "reorient",
     "resample",
     "resampled_shape",
+    "sliding_window",
 ]
 
 # Patient axis (LPS component) that each output axis follows: D <- z (superior), H <- y (posterior),
@@ -210,3 +213,41 @@ def iter_blocks(volume: np.ndarray, block: Sequence[int], halo: int) -> Iterator
     """``(Block, view)`` for every block: views into `volume`, so a block costs memory only when copied."""
     for b in block_grid(volume.shape, block, halo):
         yield b, volume[b.slices]
+
+
+def _pad_to(volume: np.ndarray, shape: Sequence[int], value: float) -> np.ndarray:
+    pads = [(0, max(0, s - n)) for n, s in zip(volume.shape, shape)]
+    return np.pad(volume, pads, constant_values=value) if any(p for _, p in pads) else volume
+
+
+def sliding_window(
+    volume: np.ndarray,
+    predict_fn: Callable[[np.ndarray], np.ndarray],
+    patch: Sequence[int],
+    overlap: float = 0.5,
+) -> np.ndarray:
+    """Foreground probability [D, H, W] of a volume of any size from a patch predictor.
+
+    Windows of `patch` step by ``patch * (1 - overlap)`` (the last one flush with the end); probabilities
+    of overlapping windows are averaged. Volumes smaller than a window are padded with their minimum.
+    `predict_fn` maps [1, pd, ph, pw, 1] float32 to [1, pd, ph, pw] probabilities.
+    """
+    shape = volume.shape
+    padded = _pad_to(volume, [max(n, p) for n, p in zip(shape, patch)], float(volume.min()))
+    total = np.zeros(padded.shape, np.float32)
+    count = np.zeros(padded.shape, np.float32)
+    starts = []
+    for n, p in zip(padded.shape, patch):
+        step = max(1, int(p * (1 - overlap)))
+        axis = list(range(0, n - p + 1, step))
+        if axis[-1] != n - p:
+            axis.append(n - p)
+        starts.append(axis)
+    for z in starts[0]:
+        for y in starts[1]:
+            for x in starts[2]:
+                window = (slice(z, z + patch[0]), slice(y, y + patch[1]), slice(x, x + patch[2]))
+                prob = predict_fn(padded[window][None, ..., None].astype(np.float32))
+                total[window] += np.asarray(prob)[0]
+                count[window] += 1.0
+    return (total / count)[: shape[0], : shape[1], : shape[2]]

@@ -7,9 +7,9 @@ import pytest
 import tensorflow as tf
 from tensorflow.experimental import dtensor
 
+from headrace.core import mesh as mesh_lib
 from headrace.models.mlp import MLP, MLPConfig
-from headrace.runners import mesh as mesh_lib
-from headrace.runners.training import Adam
+from headrace.models.optim import Adam
 
 U = dtensor.UNSHARDED
 CONFIG = MLPConfig(num_dense=4, vocab_size=20, embed_dim=8, hidden=16, seed=1)

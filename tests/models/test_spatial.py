@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from headrace.core.errors import ConfigError
 from headrace.models import spatial
 from headrace.models.spatial import Partition
 from headrace.models.unet3d import UNet3D
-from headrace.runners.errors import ConfigError
 
 
 def _devices(n: int) -> list[str]:
@@ -101,7 +101,7 @@ def test_partition_refuses_what_pooling_cannot_split():
 def test_unet_loss_and_gradients_agree_between_1_and_4_partitions_after_two_steps(slabs):
     """slabs=None: P=1 computes the volume whole, P=4 in four blocks (float32 summation order differs);
     slabs=4: both compute four slabs, P=1 on one device, and must agree to float noise of the runtime."""
-    from headrace.runners.training import Adam
+    from headrace.models.optim import Adam
 
     rng = np.random.default_rng(1)
     x = tf.constant(rng.normal(size=(1, 16, 12, 12, 1)), tf.float32)

@@ -7,9 +7,9 @@ import pytest
 import tensorflow as tf
 from tensorflow.experimental import dtensor
 
+from headrace.core import mesh as mesh_lib
+from headrace.models.optim import Adam
 from headrace.models.text_classifier import TextClassifier, TextClassifierConfig, text_to_ids
-from headrace.runners import mesh as mesh_lib
-from headrace.runners.training import Adam
 
 CONFIG = TextClassifierConfig(num_classes=3, buckets=512, embed_dim=8, hidden=8, max_tokens=12, seed=2)
 TEXTS = ["The cat sat.", "DOGS bark, loudly!", "", "cat cat dog", "x" * 3, "a b c d e f g h i j k l m n"]

@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from headrace.core.errors import ConfigError, InputError
 from headrace.pipelines.crowd import CrowdConfig, build_crowd_labels
 from headrace.pipelines.crowd_data import generate
 from headrace.runners import cli
 from headrace.runners.beam_runner import run_pipeline
-from headrace.runners.errors import ConfigError, InputError
 
 from . import crowd_reference as ref
 
@@ -319,7 +319,7 @@ def test_contract_command_line(small, tmp_path):
 
 
 @pytest.mark.flink
-def test_flink_gives_the_same_result_as_fnapi(small, tmp_path, flink_jar):
+def test_flink_gives_the_same_result_as_fnapi(small, tmp_path, flink):
     common = dict(
         annotations=small.annotations,
         annotators=small.annotators,
@@ -333,7 +333,7 @@ def test_flink_gives_the_same_result_as_fnapi(small, tmp_path, flink_jar):
         build_crowd_labels,
         CrowdConfig(output=str(out), **common),
         runner="FlinkRunner",
-        beam_args=["--parallelism=2"],
+        beam_args=[*flink, "--parallelism=2"],
     )
     flink_report = json.loads((out / "report.json").read_text())
     assert flink_report == local_report

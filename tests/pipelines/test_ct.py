@@ -107,7 +107,7 @@ def _manifest(out: Path) -> dict[str, dict]:
 
 def _volumes(out: Path) -> dict[str, dict]:
     volumes = {}
-    for ex in read_examples(str(out / "volumes-*.tfrecord"), VOLUME_SPEC):
+    for ex in read_examples(str(out / "volumes-*.tfrecord"), VOLUME_SPEC, decode_arrays=False):
         shape = tuple(ex["shape"])
         label = ex["label"].item()
         volumes[ex["id"].item().decode()] = {
@@ -215,7 +215,7 @@ def test_nifti_follows_the_same_axes_as_dicom(study, ingested):
 def test_blocks_tile_the_volume_with_halos(study, ingested):
     volumes = _volumes(ingested)
     blocks: dict[str, list] = {}
-    for ex in read_examples(str(ingested / "blocks-*.tfrecord"), BLOCK_SPEC):
+    for ex in read_examples(str(ingested / "blocks-*.tfrecord"), BLOCK_SPEC, decode_arrays=False):
         blocks.setdefault(ex["id"].item().decode(), []).append(ex)
     assert set(blocks) == {k for k, m in _manifest(ingested).items() if m.get("blocks")}
     for id_, parts in blocks.items():
@@ -323,12 +323,12 @@ def test_missing_input_fails_before_writing(tmp_path):
 
 
 @pytest.mark.flink
-def test_flink_gives_the_same_volumes_and_manifest(study, ingested, tmp_path, flink_jar):
+def test_flink_gives_the_same_volumes_and_manifest(study, ingested, tmp_path, flink):
     out = tmp_path / "flink"
     config = CtIngestConfig(
         input=str(study["root"]), output=str(out), shards=3, block_above_mb=0.05, block=(8, 16, 16), halo=3
     )
-    run_pipeline(build_ct_ingest, config, runner="FlinkRunner", beam_args=["--parallelism=2"])
+    run_pipeline(build_ct_ingest, config, runner="FlinkRunner", beam_args=[*flink, "--parallelism=2"])
     for name in ("manifest.jsonl", "report.json"):
         assert (out / name).read_text() == (ingested / name).read_text(), name
     for i in range(3):  # same shard assignment, byte-identical records (parts concatenated in a fixed order)

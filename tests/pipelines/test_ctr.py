@@ -163,13 +163,13 @@ def test_reruns_gzip_and_parquet_give_the_same_shards_and_statistics(log, ingest
 
 
 @pytest.mark.flink
-def test_flink_gives_the_same_output(log, ingested, tmp_path, flink_jar):
+def test_flink_gives_the_same_output(log, ingested, tmp_path, flink):
     out = tmp_path / "flink"
     run_pipeline(
         build_ctr_ingest,
         CtrIngestConfig(input=str(log), output=str(out), shards=4, min_count=3),
         runner="FlinkRunner",
-        beam_args=["--parallelism=2"],
+        beam_args=[*flink, "--parallelism=2"],
     )
     for split in ("train", "eval"):
         assert _shard_contents(out, split) == _shard_contents(ingested, split)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,7 +107,9 @@ def test_csv_input_rejects_name_file_and_line(tmp_path):
 
 @pytest.mark.flink
 def test_flink_writes_the_same_records_as_fnapi(tmp_path, flink_jar, example_output):
+    """Without --job_endpoint, run_pipeline starts a job server for the run and stops it after."""
     out = tmp_path / "flink"
+    before = set(_job_servers_of_this_process())  # the session's shared one, if started
     result = run_pipeline(
         build_example,
         ExampleConfig(output=str(out), num_records=4000, malformed_every=100),
@@ -113,6 +117,7 @@ def test_flink_writes_the_same_records_as_fnapi(tmp_path, flink_jar, example_out
         beam_args=["--parallelism=2"],
     )
     assert result.runner == "FlinkRunner"
+    assert set(_job_servers_of_this_process()) == before
     for split in ("train", "eval"):
         ours = sorted(
             EXAMPLE_SPEC.encode(_as_record(r))
@@ -128,6 +133,20 @@ def test_flink_writes_the_same_records_as_fnapi(tmp_path, flink_jar, example_out
     assert sorted(p.name for p in out.glob("train-*")) == sorted(
         p.name for p in example_output.glob("train-*")
     )
+
+
+def _job_servers_of_this_process() -> list[int]:
+    """Pids of Flink job-server JVMs whose parent is this process."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (proc / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == os.getpid() and b"job-server" in cmd:
+            pids.append(int(proc.name))
+    return pids
 
 
 def _as_record(decoded: dict) -> dict:

@@ -10,7 +10,7 @@ from pathlib import Path
 _PRODUCE = """
 import os, sys
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-from headrace.runners.stream import KafkaProducer
+from headrace.runners.kafka import KafkaProducer
 bootstrap, topic, path = sys.argv[1:4]
 producer = KafkaProducer(bootstrap)
 for line in open(path):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from apache_beam.options.pipeline_options import FlinkRunnerOptions, PortableOptions, SetupOptions
 
+from headrace.core.errors import ConfigError
 from headrace.pipelines.example import ExampleConfig, build_example
 from headrace.runners import beam_runner
-from headrace.runners.errors import ConfigError, HeadraceError
 
 
 @pytest.mark.parametrize(
@@ -84,26 +84,3 @@ def test_dataflow_graph_builds_and_validates_without_submitting(tmp_path):
     ):
         assert step in names, step
     assert result.job.options.view_as(SetupOptions).extra_packages in (None, [])
-
-
-def test_staged_output_commits_on_success_and_leaves_nothing_on_failure(tmp_path):
-    out = tmp_path / "out"
-    with pytest.raises(RuntimeError), beam_runner.staged_output(out) as staging:
-        (staging / "part").write_text("half")
-        raise RuntimeError("boom")
-    assert list(tmp_path.iterdir()) == []
-
-    with beam_runner.staged_output(out) as staging:
-        (staging / "part").write_text("v1")
-    assert (out / "part").read_text() == "v1"
-
-    with pytest.raises(HeadraceError, match="already exists"), beam_runner.staged_output(out):
-        pass
-    with pytest.raises(RuntimeError), beam_runner.staged_output(out, overwrite=True) as staging:
-        (staging / "part").write_text("v2")
-        raise RuntimeError("boom")
-    assert (out / "part").read_text() == "v1"  # a failed overwrite keeps the old output
-    with beam_runner.staged_output(out, overwrite=True) as staging:
-        (staging / "part").write_text("v2")
-    assert (out / "part").read_text() == "v2"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -54,6 +54,7 @@ def _group_read(bootstrap: str, topic: str, group: str) -> list[str]:
     return _tfio(op="read", bootstrap=bootstrap, topic=topic, group=group)
 
 
+@pytest.mark.kafka
 def test_tfio_consumer_group_commits_offsets(kafka_broker):
     """What the online trainer relies on: a group resumes after what it consumed; another starts over."""
     messages = [f"event-{i}" for i in range(25)]
@@ -66,14 +67,18 @@ def test_tfio_consumer_group_commits_offsets(kafka_broker):
 
 
 @pytest.mark.flink
-def test_kafkaio_on_flink_reads_the_topic(kafka_broker, flink_jar, tmp_path):
+@pytest.mark.kafka
+def test_kafkaio_on_flink_reads_the_topic(kafka_broker, flink, tmp_path):
     """Cross-language KafkaIO expanded by our expansion service, run EMBEDDED inside the Flink job server."""
     from apache_beam.io.kafka import ReadFromKafka
 
     messages = [f"impression-{i}" for i in range(40)]
     _write(kafka_broker, "beam-read", messages)
     out = tmp_path / "read"
-    with stack.expansion_service() as address, create_pipeline("FlinkRunner", ["--parallelism=1"]) as p:
+    with (
+        stack.expansion_service() as address,
+        create_pipeline("FlinkRunner", [*flink, "--parallelism=1"]) as p,
+    ):
         (
             p
             | ReadFromKafka(
@@ -88,6 +93,7 @@ def test_kafkaio_on_flink_reads_the_topic(kafka_broker, flink_jar, tmp_path):
     assert sorted(out.read_text().split()) == sorted(messages)
 
 
+@pytest.mark.kafka
 def test_stack_cli_up_status_down(tmp_path, monkeypatch, capsys):
     built = stack.jars.jar_path("kafka-broker").parent  # the jars stay where make jars put them
     monkeypatch.setenv("HEADRACE_CACHE", str(tmp_path))

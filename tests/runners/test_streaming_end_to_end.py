@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from headrace.models import metrics as metrics_lib
 from headrace.pipelines.ctr_stream import keep_negative, replay_events
 from headrace.runners import stack
-from headrace.runners.train_ctr_online import ServingCopy
+from headrace.runners.serving import ServingCopy
 
 from .kafka_children import produce_file
 
@@ -46,7 +47,7 @@ def _read(bootstrap: str, topic: str) -> list[tuple[str, str]]:
     code = (
         "import json, os, sys\n"
         "os.environ['TF_CPP_MIN_LOG_LEVEL'] = '3'\n"
-        "from headrace.runners.train_ctr_online import PartitionReader\n"
+        "from headrace.runners.kafka import PartitionReader\n"
         "reader = PartitionReader(sys.argv[1], sys.argv[2], 0)\n"
         "pairs = reader.read_keyed(0, reader.end())\n"
         "print(json.dumps([[k.decode(), m.decode()] for k, m in pairs]))\n"
@@ -85,9 +86,11 @@ def _trainer(
     ]  # fmt: skip
 
 
-def test_replay_kafka_flink_join_online_trainer(kafka_broker, tmp_path):
+@pytest.mark.flink
+@pytest.mark.kafka
+def test_replay_kafka_flink_join_online_trainer(kafka_broker, flink_jar, tmp_path):
+    from headrace.models.criteo import FIELDS
     from headrace.pipelines.ctr_data import generate
-    from headrace.runners.train_ctr import FIELDS
 
     generate(tmp_path / "log.tsv", 10000, seed=21)
     lines = (tmp_path / "log.tsv").read_text().splitlines()
@@ -114,7 +117,7 @@ def test_replay_kafka_flink_join_online_trainer(kafka_broker, tmp_path):
         # (Replaying into a job still starting makes one backlog, read topic by topic: every positive
         # first, then every negative, a class-sorted stream no online learner does well on.)
         probe = (
-            "import sys; from headrace.runners.stream import KafkaProducer; p = KafkaProducer(sys.argv[1]); "
+            "import sys; from headrace.runners.kafka import KafkaProducer; p = KafkaProducer(sys.argv[1]); "
         )
         probe += "[p.send(sys.argv[2], 'not an impression') for _ in (0, 1)]; p.flush()"
         subprocess.run([sys.executable, "-c", probe, kafka_broker, topics[0]], check=True, timeout=120)

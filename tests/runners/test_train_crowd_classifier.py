@@ -7,11 +7,11 @@ import json
 import pandas as pd
 import pytest
 
+from headrace.core.errors import InputError
 from headrace.models.text_classifier import TextClassifierConfig
 from headrace.pipelines.crowd import CrowdConfig, build_crowd_labels
 from headrace.pipelines.crowd_data import generate
 from headrace.runners.beam_runner import run_pipeline
-from headrace.runners.errors import InputError
 from headrace.runners.train_crowd_classifier import CrowdClassifierConfig, train_and_evaluate
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from headrace.core import mesh as mesh_lib
 from headrace.models.metrics import auc
 from headrace.pipelines import ctr
 from headrace.pipelines.ctr_data import (
@@ -19,10 +20,10 @@ from headrace.pipelines.ctr_data import (
     planted_probability,
     raw_columns,
 )
-from headrace.runners import cli
-from headrace.runners import mesh as mesh_lib
+from headrace.runners import cli, loop
 from headrace.runners.beam_runner import run_pipeline
-from headrace.runners.train_ctr import CTRTrainConfig, CTRTrainer, export_serving, train_and_evaluate
+from headrace.runners.ctr_task import CTRTask
+from headrace.runners.train_ctr import CTRTrainConfig, train_and_evaluate
 
 SMALL = dict(
     batch_size=128, embedding_dim=8, hidden=(32, 16), cross_layers=2, capacity=1 << 14, log_every_seconds=60
@@ -30,17 +31,17 @@ SMALL = dict(
 
 
 def test_saved_model_equals_the_in_process_model(ctr_shards, tmp_path):
-    mesh = mesh_lib.create_mesh("batch=4,model=2")
-    trainer = CTRTrainer(
-        CTRTrainConfig(data=str(ctr_shards), model="dcn_v2", steps=20, min_count=2, **SMALL), mesh
+    config = CTRTrainConfig(
+        data=str(ctr_shards), model="dcn_v2", steps=20, min_count=2, mesh="batch=4,model=2", **SMALL
     )
-    trainer.fit(steps_per_epoch=1000)
-    export_serving(trainer, tmp_path / "saved_model")
+    task = CTRTask(config)
+    loop.Fit(task, tmp_path / "run", "", resume=False).run()
+    task.export(tmp_path / "saved_model")
     serving = tf.saved_model.load(str(tmp_path / "saved_model")).signatures["serving_default"]
     batch = next(iter(ctr.dataset(str(ctr_shards), "eval", 96)))
-    rows = trainer.table.lookup(trainer._ids(batch))
-    ones = trainer._replicated(np.ones(39, np.float32))
-    expected = mesh_lib.to_numpy(trainer._forward(trainer._batch(rows), ones, ones))
+    rows = task.table.lookup(task.ids(batch))
+    ones = task._replicated(np.ones(39, np.float32))
+    expected = mesh_lib.to_numpy(task.predict_step(task._batch(rows), ones))
     raw = raw_columns({k: v.numpy() for k, v in batch.items()})
     got = serving(**{k: tf.constant(v.astype(str)) for k, v in raw.items()})["probability"].numpy()
     assert got.shape == (96,)

@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from headrace.models import metrics as metrics_lib
 from headrace.runners import stack
-from headrace.runners.train_ctr_online import ServingCopy
+from headrace.runners.serving import ServingCopy
 
 from .kafka_children import produce_file
 
@@ -71,11 +72,12 @@ def _run(cmd: list[str]) -> str:
 
 
 def _fields(rows):
-    from headrace.runners.train_ctr import FIELDS
+    from headrace.models.criteo import FIELDS
 
     return {name: np.array([r[1 + k] for r in rows]) for k, name in enumerate(FIELDS)}
 
 
+@pytest.mark.kafka
 def test_online_trainer_syncs_serving_copies_and_reconciles(kafka_broker, tmp_path):
     rows = _criteo(tmp_path, 7000, seed=11)
     early, late, held_out = rows[:500], rows[500:6000], rows[6000:]
@@ -128,6 +130,7 @@ def _checkpointed(model: Path) -> tuple[int, list[int], int] | None:
     return trained, reader.get_tensor("offsets/.ATTRIBUTES/VARIABLE_VALUE").tolist(), pending
 
 
+@pytest.mark.kafka
 def test_sigkill_mid_stream_resumes_without_loss_or_duplication(kafka_broker, tmp_path):
     rows = _criteo(tmp_path, 8000, seed=12)
     n = _produce(kafka_broker, "online-fault", rows, tmp_path / "examples.txt")
@@ -168,7 +171,7 @@ def _lines(labels) -> list[tuple[int, int, bytes]]:
 
 
 def test_shuffle_buffer_mixes_a_class_sorted_stream_and_takes_each_example_once():
-    from headrace.runners.train_ctr_online import ShuffleBuffer
+    from headrace.runners.shuffle_buffer import ShuffleBuffer
 
     buffer = ShuffleBuffer(batch_size=100, size=1000, max_wait=10.0, seed=0)
     for partition, offset, line in _lines([1] * 500 + [0] * 500):  # what a lagging join writes
@@ -188,7 +191,7 @@ def test_shuffle_buffer_mixes_a_class_sorted_stream_and_takes_each_example_once(
 
 
 def test_shuffle_buffer_max_wait_state_and_arrival_order_without_shuffle():
-    from headrace.runners.train_ctr_online import ShuffleBuffer
+    from headrace.runners.shuffle_buffer import ShuffleBuffer
 
     buffer = ShuffleBuffer(batch_size=4, size=100, max_wait=2.0, seed=1)
     for partition, offset, line in _lines([0, 1, 0]):
@@ -222,7 +225,7 @@ def test_shuffle_buffer_max_wait_state_and_arrival_order_without_shuffle():
 _READ = """
 import json, os, sys
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-from headrace.runners.train_ctr_online import PartitionReader
+from headrace.runners.kafka import PartitionReader
 bootstrap, topic = sys.argv[1:3]
 reader = PartitionReader(bootstrap, topic, 0)
 end = reader.end()
@@ -231,6 +234,7 @@ print(json.dumps([end, [[m.decode() for m in reader.read(a, b)] for a, b in rang
 """
 
 
+@pytest.mark.kafka
 def test_replay_cli_and_offset_reads_on_the_broker(kafka_broker, tmp_path):
     """`stream replay` puts a log's impressions and clicks on their topics; reads by offset return exactly
     the asked range (tfio's one-message range works around its off-by-one)."""

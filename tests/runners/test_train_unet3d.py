@@ -14,7 +14,6 @@ from headrace.pipelines import ct_data
 from headrace.pipelines.ct import CtIngestConfig, build_ct_ingest, volume_dataset
 from headrace.runners import cli
 from headrace.runners.beam_runner import run_pipeline
-from headrace.runners.train_unet3d import sliding_window
 
 TRAIN = ["--steps", "6", "--patch", "16,32,32", "--channels", "4", "--depth", "3", "--seed", "1"]
 
@@ -92,22 +91,6 @@ def test_shapes_that_cannot_be_partitioned_fail_clearly(ct_out, tmp_path, capsys
     assert "multiples of 4" in capsys.readouterr().err
     assert cli.main([*base, "--patch", "8,32,32", "--partitions", "4"]) == 2
     assert "needs a depth of at least 16" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(
-    "shape,patch", [((9, 20, 13), (4, 8, 8)), ((3, 5, 6), (4, 8, 8)), ((8, 8, 8), (8, 8, 8))]
-)
-def test_sliding_window_covers_every_voxel_once_averaged(shape, patch):
-    volume = np.random.default_rng(0).normal(size=shape).astype(np.float32)
-    calls = []
-
-    def pointwise(window):
-        calls.append(window.shape)
-        return 1 / (1 + np.exp(-window[..., 0]))
-
-    got = sliding_window(volume, pointwise, patch, overlap=0.5)
-    np.testing.assert_allclose(got, 1 / (1 + np.exp(-volume)), rtol=1e-6)
-    assert all(c == (1, *patch, 1) for c in calls)
 
 
 def test_whole_volumes_train_partitioned(ct_out, tmp_path):

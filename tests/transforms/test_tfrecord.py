@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from headrace.core.errors import InputError
 from headrace.runners.beam_runner import run_pipeline
-from headrace.runners.errors import InputError
 from headrace.transforms.tfrecord import (
     Feature,
     FeatureSpec,

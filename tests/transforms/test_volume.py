@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from headrace.transforms.volume import GeometryError, block_grid, canonical_axes, reorient, resample
+from headrace.transforms.volume import (
+    GeometryError,
+    block_grid,
+    canonical_axes,
+    reorient,
+    resample,
+    sliding_window,
+)
 
 
 def test_reorient_undoes_any_axis_permutation_and_flip():
@@ -52,3 +59,19 @@ def test_block_cores_partition_the_volume(block, halo):
         for s, e, n, a, c in zip(b.start, b.stop, shape, b.core_start, b.core_stop):
             assert 0 <= s < e <= n and a == min(halo, s + a) and e - (s + c) == min(halo, n - (s + c))
     assert (owner == 1).all()
+
+
+@pytest.mark.parametrize(
+    "shape,patch", [((9, 20, 13), (4, 8, 8)), ((3, 5, 6), (4, 8, 8)), ((8, 8, 8), (8, 8, 8))]
+)
+def test_sliding_window_covers_every_voxel_once_averaged(shape, patch):
+    volume = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    calls = []
+
+    def pointwise(window):
+        calls.append(window.shape)
+        return 1 / (1 + np.exp(-window[..., 0]))
+
+    got = sliding_window(volume, pointwise, patch, overlap=0.5)
+    np.testing.assert_allclose(got, 1 / (1 + np.exp(-volume)), rtol=1e-6)
+    assert all(c == (1, *patch, 1) for c in calls)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from headrace.runners.errors import ConfigError
+from headrace.core.errors import ConfigError
 
 __all__ = [
     "Registered",

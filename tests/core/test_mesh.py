@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from tensorflow.experimental import dtensor
 
-from headrace.runners import mesh as mesh_lib
-from headrace.runners.errors import ConfigError, HeadraceError
+from headrace.core import mesh as mesh_lib
+from headrace.core.errors import ConfigError, HeadraceError
 
 
 def test_parse_mesh():

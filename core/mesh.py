@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from headrace.runners.errors import ConfigError, HeadraceError
+from headrace.core.errors import ConfigError, HeadraceError
 
 __all__ = [
     "UNSHARDED",

@@ -1,28 +1,20 @@
-"""Pieces every DTensor training loop shares: an optimizer for (D)Variables, progress, summaries, plots.
+"""Optimisers for plain variables and DVariables: Adam, and lazy Adam on the rows a batch touched.
 
 `Adam` keeps its slots in the layout of the variable they belong to, so a model-parallel weight has
-model-parallel moments and the update needs no communication. Keras optimizers are not used: Keras 3 has
+model-parallel moments and the update needs no communication. Keras optimisers are not used: Keras 3 has
 no DTensor support.
 
-`Progress` prints a log line every few seconds (step, loss, steps/s, examples/s, ETA); `Summaries` writes
-TensorBoard scalars; `plot_curves` writes the PNG of loss and metric curves next to a run's metrics.
+`adam_rows` is the same update for the rows of an embedding table a batch touched (lazy Adam): moments
+of untouched rows are left alone, the bias correction uses the global step.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import math
-import time
-from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
-import numpy as np
 import tensorflow as tf
 
-__all__ = ["Adam", "Progress", "Summaries", "layout_of", "plot_curves", "write_json", "zeros_like"]
-
-_log = logging.getLogger("headrace.train")
+__all__ = ["Adam", "adam_rows", "layout_of", "zeros_like"]
 
 
 def layout_of(value):
@@ -80,7 +72,8 @@ class Adam(tf.Module):
         m_t = b1 m + (1 - b1) g          v_t = b2 v + (1 - b2) g²
         w  -= lr_t m_t / (sqrt(v_t) + eps) + lr wd w,   lr_t = lr sqrt(1 - b2^t) / (1 - b1^t)
 
-    Sparse (IndexedSlices) gradients are densified; models with large tables use their own sparse update.
+    Sparse (IndexedSlices) gradients are densified; models with large tables update their rows with
+    `adam_rows`.
     """
 
     def __init__(
@@ -126,85 +119,11 @@ class Adam(tf.Module):
             target.assign(_like(value, target))
 
 
-class Progress:
-    """Logs ``step N/total loss=... steps/s ex/s eta`` at most every `every_seconds`."""
-
-    def __init__(self, total_steps: int | None, batch_size: int, every_seconds: float = 10.0, name="train"):
-        self.total, self.batch_size, self.every = total_steps, batch_size, every_seconds
-        self.name = name
-        self.start = self.last = time.perf_counter()
-        self.last_step = 0
-
-    def update(self, step: int, metrics: Mapping[str, float], *, force: bool = False) -> None:
-        now = time.perf_counter()
-        if not force and now - self.last < self.every:
-            return
-        rate = (step - self.last_step) / max(now - self.last, 1e-9)
-        parts = [f"{self.name} step {step}" + (f"/{self.total}" if self.total else "")]
-        parts += [f"{k}={v:.4f}" for k, v in metrics.items()]
-        parts.append(f"{rate:.1f} steps/s {rate * self.batch_size:.0f} ex/s")
-        if self.total and rate > 0:
-            parts.append(f"eta {_duration((self.total - step) / rate)}")
-        _log.info(" ".join(parts))
-        self.last, self.last_step = now, step
-
-    @property
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
-class Summaries:
-    """TensorBoard scalars under ``LOGDIR`` (one writer per run; values are host numbers)."""
-
-    def __init__(self, logdir: str | Path):
-        self.writer = tf.summary.create_file_writer(str(logdir))
-
-    def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        with self.writer.as_default(step=step):
-            for k, v in values.items():
-                tf.summary.scalar(k, float(v))
-
-    def close(self) -> None:
-        self.writer.flush()
-        self.writer.close()
-
-
-def plot_curves(path: str | Path, curves: Mapping[str, tuple[Iterable[float], Iterable[float]]], title: str):
-    """One panel per curve (``name -> (steps, values)``), saved as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = max(len(curves), 1)
-    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.4), squeeze=False)
-    for ax, (name, (steps, values)) in zip(axes[0], curves.items()):
-        ax.plot(list(steps), list(values), lw=1.4)
-        ax.set_title(name)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_json(path: str | Path, data: Mapping) -> None:
-    def default(v):
-        if isinstance(v, np.generic | np.ndarray):
-            return v.tolist()
-        raise TypeError(f"not JSON serialisable: {type(v).__name__}")
-
-    def clean(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        return v
-
-    Path(path).write_text(
-        json.dumps({k: clean(v) for k, v in data.items()}, indent=2, default=default) + "\n"
-    )
+def adam_rows(value, m, v, grad, *, learning_rate, step, beta1=0.9, beta2=0.999, epsilon=1e-8):
+    """Lazy Adam on gathered rows ``value``, ``m``, ``v``, ``grad`` [U, D] at global `step` (0-based,
+    before the update); returns the new ``(value, m, v)`` of those rows."""
+    t = tf.cast(step + 1, tf.float32)
+    correction = tf.sqrt(1.0 - tf.pow(beta2, t)) / (1.0 - tf.pow(beta1, t))
+    m = beta1 * m + (1.0 - beta1) * grad
+    v = beta2 * v + (1.0 - beta2) * tf.square(grad)
+    return value - learning_rate * correction * m / (tf.sqrt(v) + epsilon), m, v

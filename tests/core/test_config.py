@@ -8,8 +8,8 @@ from typing import Literal
 
 import pytest
 
-from headrace.runners import config as config_lib
-from headrace.runners.errors import ConfigError
+from headrace.core import config as config_lib
+from headrace.core.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
