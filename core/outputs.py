@@ -22,7 +22,7 @@ from pathlib import Path
 
 from headrace.core.errors import HeadraceError
 
-__all__ = ["WORK_DIR", "staged_output", "write_json"]
+__all__ = ["WORK_DIR", "commit_directory", "staged_output", "write_json"]
 
 # Pipelines may keep intermediate files under OUTPUT/.work (e.g. EM chunks read every iteration); the
 # directory is removed before the output is committed, and never appears in a finished output.
