@@ -40,7 +40,7 @@ from headrace.transforms.columnar import (
     CsvBatch,
     ReadCsvBatches,
     UnionStrings,
-    check_header,
+    first_header,
     partition,
     unique_strings,
 )
@@ -390,9 +390,7 @@ def build_crowd_labels(pipeline: beam.Pipeline, config: CrowdConfig) -> dict:
         lambda b, n: ((p, ("a", sub)) for p, sub in partition(b, "task", n)), P
     )
     if config.task_priors:
-        header = check_header(
-            match_files(config.task_priors, flag="--task-priors")[0], ["task"], flag="--task-priors"
-        )
+        header = first_header(config.task_priors, ["task"], flag="--task-priors")
         pread = pipeline | "ReadPriors" >> ReadCsvBatches(config.task_priors, header, flag="--task-priors")
         rejected_parts.append(pread.rejected)
         counts["p_read"] = pread.batches | "PRows" >> Total(lambda b: b.num_rows)

@@ -26,7 +26,8 @@ import numpy as np
 
 from headrace.core import config as config_lib
 from headrace.transforms.counting import CountAll, ReasonCounts, reconcile
-from headrace.transforms.io import Line, ReadLines, Rejected, WriteJson, WriteJsonLines
+from headrace.transforms.io import Line, Rejected, WriteJson, WriteJsonLines
+from headrace.transforms.textfiles import ReadLines
 from headrace.transforms.tfrecord import Feature, FeatureSpec, WriteSpec, WriteTFRecordShards, output_dataset
 
 __all__ = [
@@ -207,13 +208,17 @@ def build_example(pipeline: beam.Pipeline, config: ExampleConfig) -> dict:
     """Adds the example pipeline to `pipeline`; returns its named PCollections."""
     out = config.output.rstrip("/")
     if config.input:
-        lines = pipeline | "Read" >> ReadLines(config.input, skip_header_lines=1)
+        read = pipeline | "Read" >> ReadLines(config.input, skip_header_lines=1)
+        lines, unreadable = read["lines"], read["rejected"]
     else:
         lines = pipeline | "Generate" >> GenerateLines(
             config.num_records, config.seed, config.malformed_every
         )
+        unreadable = pipeline | "NothingUnreadable" >> beam.Create([])
     parsed = lines | "Parse" >> beam.ParDo(_Parse()).with_outputs(_Parse.REJECTED, main="ok")
-    records, rejected = parsed.ok, parsed[_Parse.REJECTED]
+    records = parsed.ok
+    rejected = (unreadable, parsed[_Parse.REJECTED]) | "AllRejected" >> beam.Flatten()
+    read_records = (lines, unreadable) | "AllRead" >> beam.Flatten()
     split = records | "Split" >> beam.Partition(
         lambda r, n, frac: int(is_eval(r["id"], frac)), 2, config.eval_fraction
     )
@@ -225,7 +230,7 @@ def build_example(pipeline: beam.Pipeline, config: ExampleConfig) -> dict:
     rejected | "WriteRejected" >> WriteJsonLines(f"{out}/rejected")
 
     counts = {
-        "read": lines,
+        "read": read_records,
         "train": train,
         "eval": evals,
         "rejected": rejected,

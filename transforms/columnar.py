@@ -21,11 +21,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from headrace.core.errors import InputError
 from headrace.transforms.io import Rejected, match_files
+from headrace.transforms.textfiles import TextReader
 
 __all__ = [
     "CsvBatch",
@@ -33,8 +33,10 @@ __all__ = [
     "ReadParquetBatches",
     "UnionStrings",
     "check_header",
+    "first_header",
     "iter_csv_batches",
     "partition",
+    "read_header",
     "string_hash",
     "unique_strings",
 ]
@@ -61,28 +63,28 @@ class CsvBatch(NamedTuple):
         return [delimiter.join(values) for values in zip(*cols)]
 
 
-def _open(path: str):
-    return FileSystems.open(path, compression_type=CompressionTypes.AUTO)
-
-
-_ARROW_CODECS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".lz4": "lz4"}
-
-
-def _open_arrow(path: str):
-    """A file as an Arrow input stream, decompressed by Arrow (C++) according to its extension."""
-    raw = pa.PythonFile(FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED), mode="r")
-    for ext, codec in _ARROW_CODECS.items():
-        if path.endswith(ext):
-            return pa.CompressedInputStream(raw, codec)
-    return raw
+def read_header(path: str) -> tuple[str | None, str | None]:
+    """The first line of `path` (decompressed by its extension) and, when there is none to use, why:
+    ``(None, "empty file")``, ``(None, "binary file ...")``, ``(None, "not UTF-8 ...")``."""
+    with TextReader(path) as reader:
+        first = next(reader.lines(), None)
+        if reader.binary:
+            return None, reader.binary
+        if reader.replaced.get(1):
+            return None, reader.replaced[1].reason
+        if reader.damage and first is None:
+            return None, reader.damage.reason
+    if first is None or first[0] != 1 or not first[1]:
+        return None, "empty file"
+    return first[1], None
 
 
 def check_header(path: str, columns: Sequence[str], *, flag: str, delimiter: str = ",") -> list[str]:
-    """The header of `path`; raises InputError naming the file if it is empty or lacks a column."""
-    with _open(path) as f:
-        first = f.readline().decode("utf-8", errors="replace").rstrip("\r\n")
-    if not first:
-        raise InputError(f"{flag} {path}: empty file (expected a header line {delimiter.join(columns)})")
+    """The header of `path`; raises InputError naming the file if it has none or lacks a column."""
+    first, why = read_header(path)
+    if first is None:
+        expected = f" (expected a header line {delimiter.join(columns)})" if why == "empty file" else ""
+        raise InputError(f"{flag} {path}: {why}{expected}")
     header = [h.strip().strip('"') for h in first.split(delimiter)]
     missing = [c for c in columns if c not in header]
     if missing:
@@ -91,6 +93,15 @@ def check_header(path: str, columns: Sequence[str], *, flag: str, delimiter: str
             f"(expected {delimiter.join(columns)})"
         )
     return header
+
+
+def first_header(file_pattern: str, columns: Sequence[str], *, flag: str, delimiter: str = ",") -> list[str]:
+    """The header of the first file matching `file_pattern` that has one (checked for `columns`)."""
+    files = match_files(file_pattern, flag=flag)
+    for path in files:
+        if read_header(path)[0] is not None:
+            return check_header(path, columns, flag=flag, delimiter=delimiter)
+    return check_header(files[0], columns, flag=flag, delimiter=delimiter)  # raises, naming the file
 
 
 def iter_csv_batches(
@@ -106,7 +117,11 @@ def iter_csv_batches(
     """Parses one file; yields CsvBatches (only `columns`) and Rejected rows, in file order.
 
     Line numbers count every physical line (header and blank lines included): blank lines are not
-    skipped silently but rejected, so that every line of the file is accounted for.
+    skipped silently but rejected, so that every line of the file is accounted for. The file is read
+    through `TextReader`: a binary file is one rejection; a line that is not UTF-8, holds a NUL byte or
+    is too long is rejected with that reason while the others are parsed; compressed data that ends
+    early gives the rows before the damage and one rejection from there. A repeated header line (files
+    concatenated with their headers) is rejected as such, never read as data.
     """
     invalid: list[tuple[int, str, int, int]] = []
 
@@ -114,10 +129,11 @@ def iter_csv_batches(
         invalid.append((row.number, row.text, row.expected_columns, row.actual_columns))
         return "skip"
 
+    names = list(column_names or columns)
     read_options = pcsv.ReadOptions(
         use_threads=False,  # row numbers of invalid rows are only known single-threaded
         block_size=1 << 22,
-        column_names=None if header else list(column_names or columns),
+        column_names=None if header else names,
     )
     parse_options = pcsv.ParseOptions(
         delimiter=delimiter,
@@ -126,18 +142,35 @@ def iter_csv_batches(
         ignore_empty_lines=False,
     )
     convert_options = pcsv.ConvertOptions(
-        column_types={c: pa.string() for c in (column_names or columns)},
+        column_types={c: pa.string() for c in names},
         include_columns=list(columns),
         strings_can_be_null=False,
         quoted_strings_can_be_null=False,
     )
-    with _open_arrow(path) as f:
-        reader = pcsv.open_csv(
-            f,
-            read_options=read_options,
-            parse_options=parse_options,
-            convert_options=convert_options,
-        )
+    told: set[int] = set()  # line numbers of TextReader rejections already yielded
+
+    def replaced(number: int, text: str, reason: str) -> Rejected:
+        if number in text_reader.replaced:
+            told.add(number)
+            return text_reader.replaced[number]
+        return Rejected(path, number, reason, text)
+
+    with TextReader(path) as text_reader:
+        try:
+            reader = pcsv.open_csv(
+                text_reader,
+                read_options=read_options,
+                parse_options=parse_options,
+                convert_options=convert_options,
+            )
+        except (pa.ArrowInvalid, pa.ArrowKeyError) as exc:  # nothing to parse: empty, binary, no header
+            rejections = text_reader.rejections()
+            if not rejections:
+                empty = "empty" in str(exc).lower() or read_header(path)[0] is None
+                rejections = [Rejected(path, 1, "empty file" if empty else f"unparsable: {exc}", "")]
+            yield from rejections
+            return
+        header_names = reader.schema.names if header else None
         next_line = 2 if header else 1  # the line number of the next row not yet accounted for
         while True:
             try:
@@ -145,33 +178,53 @@ def iter_csv_batches(
             except StopIteration:
                 batch = None
             except pa.ArrowInvalid as exc:
-                raise InputError(f"{path}: {exc}") from None
+                yield Rejected(path, next_line, f"unparsable from line {next_line} on: {exc}", "")
+                batch, invalid = None, []
+                break
             n = 0 if batch is None else batch.num_rows
             bad = {number: (text, exp, act) for number, text, exp, act in invalid}
             invalid.clear()
             # The batch's rows and the invalid rows met while parsing it fill consecutive lines.
             span = np.arange(next_line, next_line + n + len(bad), dtype=np.int64)
-            if bad:
-                keep = ~np.isin(span, np.fromiter(bad, dtype=np.int64))
-                lines = span[keep]
-            else:
-                lines = span
+            lines = span[~np.isin(span, np.fromiter(bad, dtype=np.int64))] if bad else span
             next_line += n + len(bad)
             for number, (text, expected, actual) in sorted(bad.items()):
-                if text == "":
-                    reason = "blank line"
-                else:
-                    reason = f"field count: expected {expected}, got {actual}"
-                yield Rejected(path, number, reason, text)
+                reason = "blank line" if text == "" else f"field count: expected {expected}, got {actual}"
+                yield replaced(number, text, reason)
             if batch is None:
-                return
-            for start in range(0, n, batch_rows):
-                stop = min(n, start + batch_rows)
-                yield CsvBatch(
-                    path,
-                    lines[start:stop],
-                    pa.Table.from_batches([batch.slice(start, stop - start)]),
-                )
+                break
+            table = pa.Table.from_batches([batch])
+            if text_reader.replaced:  # lines TextReader emptied: their rows go out with its reason
+                gone = np.isin(lines, np.fromiter(text_reader.replaced, dtype=np.int64))
+                for i in np.flatnonzero(gone):
+                    yield replaced(int(lines[i]), "", "")
+                keep = np.flatnonzero(~gone)
+                table, lines = table.take(pa.array(keep)), lines[keep]
+            drop = _repeated_header(table, header_names)
+            if drop is not None:
+                for i in np.flatnonzero(drop):
+                    yield Rejected(path, int(lines[i]), "repeated header line", delimiter.join(header_names))
+                keep = np.flatnonzero(~drop)
+                table, lines = table.take(pa.array(keep)), lines[keep]
+            for start in range(0, table.num_rows, batch_rows):
+                stop = min(table.num_rows, start + batch_rows)
+                yield CsvBatch(path, lines[start:stop], table.slice(start, stop - start))
+        for rejection in text_reader.rejections():
+            if rejection.line not in told or rejection is text_reader.damage:
+                yield rejection
+
+
+def _repeated_header(table: pa.Table, header: list[str] | None) -> np.ndarray | None:
+    """A mask of rows equal to the header in every column read, or None when there are none."""
+    if not header or table.num_rows == 0:
+        return None
+    mask = None
+    for name in table.column_names:
+        eq = pc.equal(table.column(name), name)
+        mask = eq if mask is None else pc.and_(mask, eq)
+    mask = mask.to_numpy(zero_copy_only=False) if isinstance(mask, pa.Array) else mask.combine_chunks()
+    mask = np.asarray(mask, dtype=bool)
+    return mask if mask.any() else None
 
 
 class _ReadFile(beam.DoFn):
@@ -224,8 +277,21 @@ class ReadCsvBatches(beam.PTransform):
         super().__init__()
         self.quoting = quoting
         self.files = match_files(file_pattern, flag=flag)
+        # A file with no text to use (empty, binary, undecodable) is rejected whole when it is read,
+        # and the run goes on; only a run with no usable file at all, or a text file that lacks a
+        # column (a schema mistake, not damage), stops here.
+        usable, why = [], {}
+        for path in self.files:
+            first, why[path] = read_header(path)
+            if first is not None:
+                usable.append(path)
+        if not usable:
+            path = self.files[0]
+            expected = f" (expected a header line {delimiter.join(columns)})" if header else ""
+            reason = why[path] + (expected if why[path] == "empty file" else "")
+            raise InputError(f"{flag} {path}: {reason}; no file matching {file_pattern} has text to read")
         if header:
-            for path in self.files:
+            for path in usable:
                 check_header(path, columns, flag=flag, delimiter=delimiter)
         self.columns = list(columns)
         self.flag, self.delimiter, self.header = flag, delimiter, header

@@ -14,14 +14,12 @@ import json
 from typing import Any, NamedTuple
 
 import apache_beam as beam
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from headrace.core.errors import InputError
 
 __all__ = [
     "Line",
-    "ReadLines",
     "Rejected",
     "WriteJson",
     "WriteJsonLines",
@@ -60,41 +58,6 @@ def match_files(file_pattern: str, *, flag: str = "--input") -> list[str]:
     if not files:
         raise InputError(f"{flag} {file_pattern}: no files match")
     return files
-
-
-class _ReadFile(beam.DoFn):
-    def __init__(self, skip_header_lines: int):
-        self._skip = skip_header_lines
-        self._lines = beam.metrics.Metrics.counter("input", "lines_read")
-        self._files = beam.metrics.Metrics.counter("input", "files_read")
-
-    def process(self, path: str):
-        with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as f:
-            number = 0
-            while True:
-                raw = f.readline()
-                if not raw:
-                    break
-                number += 1
-                if number <= self._skip:
-                    continue
-                text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-                self._lines.inc()
-                yield Line(path, number, text)
-        self._files.inc()
-
-
-@beam.ptransform_fn
-@beam.typehints.with_output_types(Line)
-def ReadLines(pbegin, file_pattern: str, *, skip_header_lines: int = 0, reshuffle: bool = True):
-    """Every line of the matching files as a `Line`; the files are listed when the pipeline is built."""
-    files = match_files(file_pattern)
-    lines = (
-        pbegin | "ListFiles" >> beam.Create(files) | "ReadFiles" >> beam.ParDo(_ReadFile(skip_header_lines))
-    )
-    if reshuffle:
-        lines = lines | "Spread" >> beam.Reshuffle()
-    return lines
 
 
 @beam.ptransform_fn
