@@ -7,7 +7,9 @@ field). Anything else escaping to the CLI is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "HeadraceError", "InputError", "MissingDependencyError"]
+import re
+
+__all__ = ["ConfigError", "HeadraceError", "InputError", "MissingDependencyError", "user_error_in"]
 
 
 class HeadraceError(Exception):
@@ -28,3 +30,17 @@ class InputError(HeadraceError):
 
 class MissingDependencyError(HeadraceError):
     """Something the project installs itself (a jar, a broker) is not installed on this machine."""
+
+
+_RAISED = re.compile(r"headrace\.core\.errors\.(InputError|ConfigError|HeadraceError): ([^\n]+)")
+
+
+def user_error_in(text: str) -> HeadraceError | None:
+    """The headrace error named in a remote traceback's text (a Flink or Dataflow job reports a worker's
+    exception as text inside its own), or None when the text holds none."""
+    match = _RAISED.search(text)
+    if match is None:
+        return None
+    return {"InputError": InputError, "ConfigError": ConfigError}.get(match[1], HeadraceError)(
+        match[2].strip()
+    )

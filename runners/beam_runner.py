@@ -45,7 +45,7 @@ from apache_beam.options.pipeline_options import (
 )
 
 from headrace.core import config as config_lib
-from headrace.core.errors import ConfigError, HeadraceError
+from headrace.core.errors import ConfigError, HeadraceError, user_error_in
 from headrace.core.outputs import staged_output
 from headrace.runners import jars, stack
 
@@ -246,8 +246,14 @@ def run_pipeline(
         pipeline = create_pipeline(name, beam_args, job_name=job_name)
         build(pipeline, staged_config)
         start = time.perf_counter()
-        result = pipeline.run()
-        state = result.wait_until_finish()
+        try:
+            result = pipeline.run()
+            state = result.wait_until_finish()
+        except Exception as exc:  # a remote runner reports a worker's input error as text: say it once
+            found = None if isinstance(exc, HeadraceError) else user_error_in(str(exc))
+            if found is None:
+                raise
+            raise found from None
         seconds = time.perf_counter() - start
         if str(state) not in ("DONE", "PipelineState.DONE"):
             raise HeadraceError(f"pipeline finished in state {state}")

@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Sequence
 
 from headrace.core import config as config_lib
-from headrace.core.errors import ConfigError, HeadraceError
+from headrace.core.errors import ConfigError, HeadraceError, user_error_in
 from headrace.runners import commands
 
 __all__ = ["main"]
@@ -60,6 +60,18 @@ def _quiet_environment() -> None:
         warnings.filterwarnings("ignore", category=category)
 
 
+class _UserErrorsOnce(logging.Filter):
+    """Drops log records carrying a HeadraceError: Beam logs an exception raised in a DoFn with its whole
+    traceback before re-raising it, and the CLI prints the error as one line anyway (`--verbose` keeps
+    the traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HeadraceError):
+            return False
+        return not (record.levelno >= logging.ERROR and user_error_in(record.getMessage()))
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -67,6 +79,9 @@ def _setup_logging(verbose: bool) -> None:
         datefmt="%H:%M:%S",
         force=True,  # importing a command's module may have installed a handler already
     )
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_UserErrorsOnce())
     if not verbose:
         for noisy in ("apache_beam", "absl", "tensorflow", "root", "h5py", "matplotlib"):
             logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -61,6 +61,22 @@ def test_input_errors_exit_1_without_a_traceback(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_an_input_error_raised_inside_a_dofn_is_one_line_unless_verbose(tmp_path, capsys):
+    # The priors file lacks the class columns: found by a DoFn while the pipeline runs, where Beam logs
+    # the whole traceback before re-raising it.
+    (tmp_path / "a.csv").write_text("task,worker,label\nt1,w1,a\nt1,w2,b\nt2,w1,a\n")
+    (tmp_path / "p.csv").write_text("task,zzz\nt1,0.5\n")
+    args = ["run", "crowd-labels", "--annotations", str(tmp_path / "a.csv"), "--task-priors"]
+    args += [str(tmp_path / "p.csv"), "--method", "dawid_skene", "--output", str(tmp_path / "o")]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith("headrace: error: --task-priors ") and "no column for class(es) a, b" in err
+    assert not (tmp_path / "o").exists()
+    assert cli.main([*args, "--verbose"]) == 1
+    assert "Traceback" in capsys.readouterr().err
+
+
 def test_run_example_through_the_cli_with_flags_and_overrides(tmp_path, capsys):
     out = tmp_path / "out"
     code = cli.main(
