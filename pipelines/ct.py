@@ -46,9 +46,9 @@ from apache_beam.io.filesystems import FileSystems
 from headrace.core import config as config_lib
 from headrace.core.errors import ConfigError, InputError
 from headrace.core.outputs import WORK_DIR
-from headrace.transforms.dicom import read_dicom_series, read_header
+from headrace.transforms.dicom import read_dicom_series, read_header, series_corners
 from headrace.transforms.io import WriteJson, match_files
-from headrace.transforms.nifti import nifti_stem, pair, read_nifti
+from headrace.transforms.nifti import nifti_stem, pair, read_label_on, read_nifti
 from headrace.transforms.patches import sample_patches
 from headrace.transforms.preview import write_preview
 from headrace.transforms.tfrecord import (
@@ -124,6 +124,13 @@ class CtIngestConfig:
     block: tuple[int, int, int] = (128, 128, 128)
     halo: int = 16
     previews: bool = True
+    labels: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "CSV image,label (paths under --input) pairing label maps that do not follow "
+            "NAME_label.nii[.gz]; image: a NIfTI file, or a folder holding one DICOM series"
+        },
+    )
 
 
 @config_lib.register("ct-ingest", command="run ct-ingest")
@@ -162,8 +169,9 @@ def _file_id(path: str, root: str) -> str:
 class _Inspect(beam.DoFn):
     DICOM, NIFTI, REJECTED = "dicom", "nifti", "rejected"
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, pairs: LabelPairs):
         self._root = root
+        self._pairs = pairs
         self._inspected = beam.metrics.Metrics.counter("ct", "files_inspected")
         self._rejected = beam.metrics.Metrics.counter("ct", "files_rejected")
 
@@ -171,6 +179,11 @@ class _Inspect(beam.DoFn):
         self._inspected.inc()
         name = path.rsplit("/", 1)[-1]
         stem = nifti_stem(name)
+        if path in self._pairs.dicom_label_files:
+            return  # the label of a DICOM series: read (and accounted for) with that series
+        if path in self._pairs.nifti_images:
+            yield beam.pvalue.TaggedOutput(self.NIFTI, (self._pairs.nifti_images[path], ("label", path)))
+            return
         if stem is not None:
             if stem.endswith("_label"):
                 yield beam.pvalue.TaggedOutput(self.NIFTI, (stem[: -len("_label")], ("label", path)))
@@ -204,9 +217,10 @@ class _Finish(beam.DoFn):
 
     VOLUME_PARTS, BLOCK_PARTS = "volume_parts", "block_parts"
 
-    def __init__(self, config: CtIngestConfig, kind: str):
+    def __init__(self, config: CtIngestConfig, kind: str, pairs: LabelPairs):
         self._config = config
         self._kind = kind
+        self._pairs = pairs
         self._work = f"{config.output}/{WORK_DIR}"
         self._written = beam.metrics.Metrics.counter("ct", "volumes_written")
         self._rejected = beam.metrics.Metrics.counter("ct", "volumes_rejected")
@@ -217,14 +231,22 @@ class _Finish(beam.DoFn):
         key, members = element
         members = list(members)
         id_ = key
+        label_path = None
         if self._kind == "dicom":
             sources = [h.path for h in members]
+            folders = {p.rsplit("/", 1)[0] for p in sources}
+            if len(folders) == 1 and next(iter(folders)) in self._pairs.dicom_labels:
+                label_path = self._pairs.dicom_labels[next(iter(folders))]
+                sources.append(label_path)
         else:
             sources = [p for _, p in members]
         try:
             if self._kind == "dicom":
                 volume, spacing = read_dicom_series(members)
                 label = None
+                if label_path is not None:
+                    tolerance = 0.25 * min(spacing)
+                    label = read_label_on(label_path, volume.shape, series_corners(members), tolerance)
             else:
                 image, label_path = pair(key, members)
                 volume, label, spacing = read_nifti(image, label_path)
@@ -309,6 +331,23 @@ def _safe(id_: str) -> str:
 # -------------------------------------------------------------------------------------------------
 
 
+def _unused_labels(lines: list[dict], pairs: LabelPairs, root: str) -> list[dict]:
+    """`lines` plus a rejected line for each ``--labels`` label of a folder that gave no DICOM series."""
+    used = {s for line in lines for s in line["sources"]}
+    extra = [
+        _manifest(
+            _file_id(label, root),
+            [label],
+            "rejected",
+            f"{label}: --labels pairs it with {folder}, which holds no DICOM series",
+            kind="unpaired_label",
+        )
+        for folder, label in sorted(pairs.dicom_labels.items())
+        if label not in used
+    ]
+    return lines + extra
+
+
 def _write_manifest(lines: list[dict], path: str) -> None:
     with FileSystems.create(path) as f:
         for line in sorted(lines, key=lambda r: (r["id"], r["sources"])):
@@ -373,23 +412,66 @@ def _check(config: CtIngestConfig) -> None:
         raise ConfigError(f"--block {config.block} / --halo {config.halo}: block >= 1, halo >= 0")
 
 
+@dataclasses.dataclass(frozen=True)
+class LabelPairs:
+    """The pairs of ``--labels``: label path -> NIfTI image stem, series folder -> label path."""
+
+    nifti_images: dict[str, str] = dataclasses.field(default_factory=dict)  # label -> image's stem
+    dicom_labels: dict[str, str] = dataclasses.field(default_factory=dict)  # folder -> label
+
+    @property
+    def dicom_label_files(self) -> set[str]:
+        return set(self.dicom_labels.values())
+
+
+def read_label_pairs(path: str | None, root: str, files: Sequence[str]) -> LabelPairs:
+    """``--labels`` checked when the pipeline is built: every image and label exists under --input."""
+    if not path:
+        return LabelPairs()
+    from headrace.transforms.columnar import CsvBatch, iter_csv_batches
+
+    inputs = set(files)
+    pairs = LabelPairs()
+    for item in iter_csv_batches(path, ["image", "label"]):
+        if not isinstance(item, CsvBatch):
+            raise InputError(f"--labels {path}:{item.line}: {item.reason}")
+        for line, image, label in zip(
+            item.lines, item.table.column("image").to_pylist(), item.table.column("label").to_pylist()
+        ):
+            image_path, label_path = f"{root}/{image.strip('/')}", f"{root}/{label.strip('/')}"
+            if label_path not in inputs or nifti_stem(label_path) is None:
+                raise InputError(f"--labels {path}:{line}: label {label!r} is not a NIfTI file under {root}")
+            if label_path in pairs.nifti_images or label_path in pairs.dicom_label_files:
+                raise InputError(f"--labels {path}:{line}: label {label!r} is paired twice")
+            if image_path in inputs and nifti_stem(image_path) is not None:
+                pairs.nifti_images[label_path] = nifti_stem(image_path.rsplit("/", 1)[-1])
+            elif any(f.startswith(image_path + "/") for f in inputs):
+                pairs.dicom_labels[image_path] = label_path
+            else:
+                raise InputError(
+                    f"--labels {path}:{line}: image {image!r} is neither a NIfTI file nor a folder under {root}"
+                )
+    return pairs
+
+
 def build_ct_ingest(pipeline: beam.Pipeline, config: CtIngestConfig) -> dict:
     _check(config)
     out = config.output.rstrip("/")
     root = config.input.rstrip("/")
     files = list_inputs(root)
+    pairs = read_label_pairs(config.labels, root, files)
     inspected = (
         pipeline
         | "ListFiles" >> beam.Create(files)
         | "Spread" >> beam.Reshuffle()
         | "Inspect"
-        >> beam.ParDo(_Inspect(root)).with_outputs(_Inspect.DICOM, _Inspect.NIFTI, _Inspect.REJECTED)
+        >> beam.ParDo(_Inspect(root, pairs)).with_outputs(_Inspect.DICOM, _Inspect.NIFTI, _Inspect.REJECTED)
     )
     dicom = (
         inspected[_Inspect.DICOM]
         | "BySeries" >> beam.GroupByKey()
         | "DicomVolumes"
-        >> beam.ParDo(_Finish(config, "dicom")).with_outputs(
+        >> beam.ParDo(_Finish(config, "dicom", pairs)).with_outputs(
             _Finish.VOLUME_PARTS, _Finish.BLOCK_PARTS, main="lines"
         )
     )
@@ -397,7 +479,7 @@ def build_ct_ingest(pipeline: beam.Pipeline, config: CtIngestConfig) -> dict:
         inspected[_Inspect.NIFTI]
         | "ByStem" >> beam.GroupByKey()
         | "NiftiVolumes"
-        >> beam.ParDo(_Finish(config, "nifti")).with_outputs(
+        >> beam.ParDo(_Finish(config, "nifti", pairs)).with_outputs(
             _Finish.VOLUME_PARTS, _Finish.BLOCK_PARTS, main="lines"
         )
     )
@@ -415,6 +497,7 @@ def build_ct_ingest(pipeline: beam.Pipeline, config: CtIngestConfig) -> dict:
         (inspected[_Inspect.REJECTED], dicom["lines"], nifti["lines"])
         | "AllLines" >> beam.Flatten()
         | "Collect" >> beam.combiners.ToList()
+        | "UnusedLabels" >> beam.Map(_unused_labels, pairs, root)
     )
     lines | "WriteManifest" >> beam.Map(_write_manifest, f"{out}/manifest.jsonl")
     report = lines | "Report" >> beam.Map(_report, files_digest(files), config)

@@ -15,6 +15,7 @@ or when a slice's pixel data cannot be decoded. Multi-frame files are rejected (
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,7 +24,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from headrace.transforms.volume import GeometryError, acquisition_view, canonical_axes, canonical_shape
 
-__all__ = ["SliceHeader", "dicom_geometry", "read_dicom_series", "read_header"]
+__all__ = ["SliceHeader", "dicom_geometry", "read_dicom_series", "read_header", "series_corners"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,58 +43,172 @@ class SliceHeader:
 
 
 _REQUIRED = {
-    "SeriesInstanceUID": "(0020,000E)",
     "Rows": "(0028,0010)",
     "Columns": "(0028,0011)",
     "PixelSpacing": "(0028,0030)",
     "ImagePositionPatient": "(0020,0032)",
     "ImageOrientationPatient": "(0020,0037)",
 }
+_TAGS = {
+    **_REQUIRED,
+    "SeriesInstanceUID": "(0020,000E)",
+    "FrameOfReferenceUID": "(0020,0052)",
+    "RescaleSlope": "(0028,1053)",
+    "RescaleIntercept": "(0028,1052)",
+    "SliceThickness": "(0018,0050)",
+    "BitsAllocated": "(0028,0100)",
+    "BitsStored": "(0028,0101)",
+    "PixelRepresentation": "(0028,0103)",
+    "SamplesPerPixel": "(0028,0002)",
+    "NumberOfFrames": "(0028,0008)",
+}
 
 
-def read_header(path: str) -> tuple[str, SliceHeader]:
-    """(SeriesInstanceUID, geometry) of a DICOM file, read without its pixels; GeometryError naming the
-    attribute when the file is not DICOM or its geometry is unusable."""
+def _attribute(ds, keyword: str, count: int | None, *, required: bool = True, default=None):
+    """The values of `keyword` as finite floats (`count` of them; None: one, returned bare); a
+    GeometryError naming the attribute and its tag when it is missing, unparsable or the wrong length."""
+    tag = _TAGS[keyword]
+    try:  # pydicom converts the value when it is read: "abc" as a decimal string raises there
+        raw = ds.get(keyword)
+    except Exception as exc:
+        raise GeometryError(f"{keyword} {tag} is not parsable ({exc})", "bad_attribute") from None
+    if raw is None or raw == "" or (isinstance(raw, (list, tuple)) and len(raw) == 0):
+        if required:
+            raise GeometryError(f"missing {keyword} {tag}", "missing_attribute")
+        return default
+    values = list(raw) if isinstance(raw, (list, tuple)) or type(raw).__name__ == "MultiValue" else [raw]
+    want = 1 if count is None else count
+    if len(values) != want:
+        raise GeometryError(
+            f"{keyword} {tag} has {len(values)} value(s) {_shown(values)}, expected {want}", "bad_attribute"
+        )
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise GeometryError(f"{keyword} {tag} is not numeric: {_shown(values)}", "bad_attribute") from None
+    if not all(np.isfinite(numbers)):
+        raise GeometryError(f"{keyword} {tag} is not finite: {_shown(values)}", "bad_attribute")
+    return numbers[0] if count is None else tuple(numbers)
+
+
+def _shown(values) -> str:
+    text = "\\".join(str(v) for v in values)
+    return repr(text if len(text) <= 60 else text[:57] + "...")
+
+
+def _dataset(path: str, *, pixels: bool):
+    """The dataset of one file. A file without the 128-byte preamble and file meta (older scanners) is
+    read when the dataset itself parses; anything else that is not DICOM is a GeometryError."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    try:
+    def read(force: bool):
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            return pydicom.dcmread(f, stop_before_pixels=not pixels, force=force)
+
+    try:
+        return read(False)
     except InvalidDicomError as exc:
-        raise GeometryError(f"not a DICOM file ({exc})", "not_dicom") from None
+        why = exc
     except Exception as exc:  # truncated or garbled files raise anything from struct to KeyError
         raise GeometryError(f"unreadable DICOM file ({type(exc).__name__}: {exc})", "unreadable") from None
-    for keyword, tag in _REQUIRED.items():
-        if keyword not in ds or ds[keyword].value in (None, ""):
-            raise GeometryError(f"missing {keyword} {tag}", "missing_attribute")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        raise GeometryError(f"multi-frame DICOM (NumberOfFrames={frames}) is not supported", "multi_frame")
-    try:
-        position = tuple(float(v) for v in ds.ImagePositionPatient)
-        orientation = tuple(float(v) for v in ds.ImageOrientationPatient)
-        pixel_spacing = tuple(float(v) for v in ds.PixelSpacing)
-    except (TypeError, ValueError) as exc:
-        raise GeometryError(f"unparsable geometry ({exc})", "bad_attribute") from None
-    if len(position) != 3 or len(orientation) != 6 or len(pixel_spacing) != 2:
-        raise ValueError(
-            "ImagePositionPatient needs 3 values, ImageOrientationPatient 6, PixelSpacing 2; got "
-            f"{len(position)}, {len(orientation)}, {len(pixel_spacing)}"
+    try:  # no preamble: accept it only when it parses as a dataset with an image's attributes
+        ds = read(True)
+    except Exception:
+        ds = None
+    if ds is None or "Rows" not in ds or "ImagePositionPatient" not in ds:
+        raise GeometryError(f"not a DICOM file ({why})", "not_dicom") from None
+    if "TransferSyntaxUID" not in ds.file_meta:  # pydicom guessed the encoding from the data
+        ds.file_meta.TransferSyntaxUID = (
+            "1.2.840.10008.1.2.1" if not ds.is_implicit_VR else "1.2.840.10008.1.2"
         )
-    thickness = ds.get("SliceThickness")
+    return ds
+
+
+def read_header(path: str) -> tuple[str, SliceHeader]:
+    """(series key, geometry) of a DICOM file, read without its pixels; GeometryError naming the
+    attribute when the file is not DICOM or a geometry attribute is missing or malformed.
+
+    The series key is the SeriesInstanceUID. Anonymisation sometimes blanks it: such slices are grouped
+    by what makes them one grid instead (FrameOfReferenceUID, orientation, size and pixel spacing), under
+    a key that says so."""
+    ds = _dataset(path, pixels=False)
+    frames = _attribute(ds, "NumberOfFrames", None, required=False, default=1.0)
+    if frames != int(frames) or frames < 1:
+        raise GeometryError(f"NumberOfFrames {_TAGS['NumberOfFrames']} is {frames}", "bad_attribute")
+    if frames > 1:
+        raise GeometryError(
+            f"multi-frame DICOM (NumberOfFrames={int(frames)}) is not supported", "multi_frame"
+        )
+    rows, columns = _attribute(ds, "Rows", None), _attribute(ds, "Columns", None)
+    for keyword, value in (("Rows", rows), ("Columns", columns)):
+        if value != int(value) or not 1 <= value <= 65535:
+            raise GeometryError(f"{keyword} {_TAGS[keyword]} is {value}, expected 1..65535", "bad_attribute")
+    for keyword, allowed in (("BitsAllocated", (8, 16, 32)), ("SamplesPerPixel", (1,))):
+        value = _attribute(ds, keyword, None, required=False, default=allowed[0])
+        if value not in allowed:
+            raise GeometryError(
+                f"{keyword} {_TAGS[keyword]} is {value:g}, expected {' or '.join(map(str, allowed))}",
+                "bad_attribute",
+            )
+    allocated = _attribute(ds, "BitsAllocated", None, required=False, default=16.0)
+    stored = _attribute(ds, "BitsStored", None, required=False, default=allocated)
+    if not 1 <= stored <= allocated:
+        raise GeometryError(
+            f"BitsStored {_TAGS['BitsStored']} is {stored:g} with BitsAllocated {allocated:g}",
+            "bad_attribute",
+        )
+    if _attribute(ds, "PixelRepresentation", None, required=False, default=0.0) not in (0.0, 1.0):
+        raise GeometryError(
+            f"PixelRepresentation {_TAGS['PixelRepresentation']} must be 0 or 1", "bad_attribute"
+        )
+    position = _attribute(ds, "ImagePositionPatient", 3)
+    orientation = _attribute(ds, "ImageOrientationPatient", 6)
+    pixel_spacing = _attribute(ds, "PixelSpacing", 2)
+    if min(pixel_spacing) <= 0:
+        raise GeometryError(
+            f"PixelSpacing {_TAGS['PixelSpacing']} {pixel_spacing} must be > 0", "bad_attribute"
+        )
+    row_dir, col_dir = np.array(orientation[:3]), np.array(orientation[3:])
+    if (
+        abs(np.linalg.norm(row_dir) - 1) > 1e-3
+        or abs(np.linalg.norm(col_dir) - 1) > 1e-3
+        or abs(row_dir @ col_dir) > 1e-3
+    ):
+        raise GeometryError(
+            f"ImageOrientationPatient {_TAGS['ImageOrientationPatient']} {list(orientation)} is not two "
+            "orthogonal unit vectors",
+            "bad_attribute",
+        )
+    slope = _attribute(ds, "RescaleSlope", None, required=False, default=1.0)
+    intercept = _attribute(ds, "RescaleIntercept", None, required=False, default=0.0)
+    if slope == 0:
+        raise GeometryError(f"RescaleSlope {_TAGS['RescaleSlope']} is 0", "bad_attribute")
+    thickness = _attribute(ds, "SliceThickness", None, required=False)
     header = SliceHeader(
         path=path,
         position=position,  # type: ignore[arg-type]
         orientation=orientation,  # type: ignore[arg-type]
         pixel_spacing=pixel_spacing,  # type: ignore[arg-type]
-        rows=int(ds.Rows),
-        columns=int(ds.Columns),
-        slope=float(ds.get("RescaleSlope", 1.0) or 1.0),
-        intercept=float(ds.get("RescaleIntercept", 0.0) or 0.0),
-        thickness=float(thickness) if thickness not in (None, "") else None,
+        rows=int(rows),
+        columns=int(columns),
+        slope=slope,
+        intercept=intercept,
+        thickness=thickness,
     )
-    return str(ds.SeriesInstanceUID), header
+    uid = str(ds.get("SeriesInstanceUID") or "").strip()
+    if uid:
+        return uid, header
+    frame = str(ds.get("FrameOfReferenceUID") or "").strip()
+    if not frame:
+        raise GeometryError(
+            f"SeriesInstanceUID {_TAGS['SeriesInstanceUID']} and FrameOfReferenceUID "
+            f"{_TAGS['FrameOfReferenceUID']} are both empty: the slice cannot be put in a series",
+            "missing_attribute",
+        )
+    grid = ",".join(f"{v:.4f}" for v in (*orientation, *pixel_spacing))
+    digest = hashlib.sha1(f"{grid}/{int(rows)}x{int(columns)}".encode()).hexdigest()[:8]
+    return f"frame-{frame}-{digest}", header
 
 
 def dicom_geometry(headers: Sequence[SliceHeader]) -> tuple[list[SliceHeader], float, np.ndarray]:
@@ -151,8 +266,6 @@ def dicom_geometry(headers: Sequence[SliceHeader]) -> tuple[list[SliceHeader], f
 
 def read_dicom_series(headers: Sequence[SliceHeader]) -> tuple[np.ndarray, tuple[float, float, float]]:
     """The series as float32 HU on the [D, H, W] axes, and its spacing (z, y, x)."""
-    import pydicom
-
     ordered, dz, directions = dicom_geometry(headers)
     rows, cols = ordered[0].rows, ordered[0].columns
     acquired = (len(ordered), rows, cols)
@@ -161,8 +274,11 @@ def read_dicom_series(headers: Sequence[SliceHeader]) -> tuple[np.ndarray, tuple
     slices = acquisition_view(volume, directions)
     for k, h in enumerate(ordered):
         try:
-            with FileSystems.open(h.path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-                pixels = pydicom.dcmread(f).pixel_array
+            ds = _dataset(h.path, pixels=True)
+        except GeometryError as exc:
+            raise GeometryError(f"{h.path}: {exc}", exc.kind) from None
+        try:
+            pixels = ds.pixel_array
         except Exception as exc:  # no PixelData, an undecodable transfer syntax, truncation
             raise GeometryError(
                 f"{h.path}: pixel data unreadable ({type(exc).__name__}: {exc})", "bad_pixels"
@@ -175,3 +291,15 @@ def read_dicom_series(headers: Sequence[SliceHeader]) -> tuple[np.ndarray, tuple
     spacing = (dz, ordered[0].pixel_spacing[0], ordered[0].pixel_spacing[1])
     perm, _ = canonical_axes(directions)
     return volume, tuple(float(spacing[p]) for p in perm)  # type: ignore[return-value]
+
+
+def series_corners(headers: Sequence[SliceHeader]) -> np.ndarray:
+    """The 8 corner voxel centres (LPS mm) of a series' grid, as `grid_corners` gives them."""
+    from headrace.transforms.nifti import grid_corners
+
+    ordered, dz, directions = dicom_geometry(headers)
+    first = ordered[0]
+    row_dir, col_dir = np.array(first.orientation[:3]), np.array(first.orientation[3:])
+    normal = directions[0] / np.linalg.norm(directions[0])
+    axes = [normal * dz, col_dir * first.pixel_spacing[0], row_dir * first.pixel_spacing[1]]
+    return grid_corners(first.position, axes, (len(ordered), first.rows, first.columns))

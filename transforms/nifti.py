@@ -2,7 +2,8 @@
 
 Read with nibabel (scaling applied, in one pass from the stored array), 4D volumes with a single time
 point squeezed, others rejected. ``NAME_label.nii[.gz]`` is the segmentation of ``NAME.nii[.gz]``
-(`nifti_stem`, `pair`): same grid (shape and affine), integer values 0..255. Axes follow
+(`nifti_stem`, `pair`): same grid (shape and affine), integer values 0..255. A volume with a NaN or
+infinite voxel, a voxel size that is not positive, or a singular affine is rejected, never written. Axes follow
 `headrace.transforms.volume`'s convention, as for DICOM (RAS+ world to LPS).
 """
 
@@ -17,7 +18,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from headrace.transforms.volume import GeometryError, reorient
 
-__all__ = ["nifti_stem", "pair", "read_nifti"]
+__all__ = ["grid_corners", "nifti_stem", "pair", "read_label_on", "read_nifti"]
 
 
 def nifti_stem(name: str) -> str | None:
@@ -80,11 +81,43 @@ def _nifti_array(img, path: str, directions: np.ndarray, spacing, *, label: bool
     return volume, out_spacing
 
 
-def read_nifti(image_path: str, label_path: str | None):
-    """``(volume float32, label uint8 or None, spacing)`` on the [D, H, W] axes."""
+def _raw_pixdim(path: str) -> np.ndarray:
+    """The voxel sizes as the file states them: nibabel's loader replaces zero by 1 and negative by its
+    absolute value (with a log line), which would let a broken header pass as valid."""
+    import gzip
+
+    import nibabel as nib
+
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        stream = gzip.GzipFile(fileobj=f) if path.endswith(".gz") else f
+        header = nib.Nifti1Header.from_fileobj(stream, check=False)
+    return np.asarray(header["pixdim"][1:4], dtype=np.float64)
+
+
+def _check_grid(img, path: str) -> None:
+    """GeometryError unless the affine maps the three array axes to three independent directions."""
+    affine = np.asarray(img.affine, dtype=np.float64)
+    axes = affine[:3, :3]
+    if not np.isfinite(affine).all() or abs(np.linalg.det(axes)) < 1e-9 * max(1.0, np.abs(axes).max() ** 3):
+        raise GeometryError(f"{path}: the affine {axes.tolist()} is singular or not finite", "bad_spacing")
+
+
+def read_nifti(image_path: str, label_path: str | None, *, as_label: bool = False):
+    """``(volume float32, label uint8 or None, spacing)`` on the [D, H, W] axes (`as_label`: the image
+    itself is a label map, returned as ``(None, label, spacing)``)."""
     import nibabel as nib
 
     def load(path):
+        try:
+            raw = _raw_pixdim(path)
+        except Exception as exc:
+            raise GeometryError(
+                f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})", "unreadable"
+            ) from None
+        if not (np.isfinite(raw).all() and (raw > 0).all()):
+            raise GeometryError(
+                f"{path}: voxel size (pixdim) {raw.tolist()} must be positive and finite", "bad_spacing"
+            )
         try:
             return nib.load(_local_copy(path))
         except Exception as exc:
@@ -93,11 +126,24 @@ def read_nifti(image_path: str, label_path: str | None):
             ) from None
 
     img = load(image_path)
+    _check_grid(img, image_path)
     directions, spacing = _nifti_grid(img)
+    if as_label:
+        label, out_spacing = _nifti_array(img, image_path, directions, spacing, label=True)
+        return None, label, out_spacing
     volume, out_spacing = _nifti_array(img, image_path, directions, spacing, label=False)
+    finite = np.isfinite(volume)
+    if not finite.all():
+        bad = np.argwhere(~finite)
+        raise GeometryError(
+            f"{image_path}: {len(bad)} voxel(s) are NaN or infinite (the first at [D, H, W] "
+            f"{bad[0].tolist()}); a volume must hold finite values",
+            "bad_voxels",
+        )
     label = None
     if label_path is not None:
         lab = load(label_path)
+        _check_grid(lab, label_path)
         if lab.shape[:3] != img.shape[:3]:
             raise GeometryError(
                 f"{label_path}: label shape {lab.shape} differs from image shape {img.shape}",
@@ -120,3 +166,38 @@ def _local_copy(path: str) -> str:
     with os.fdopen(fd, "wb") as out, FileSystems.open(path, CompressionTypes.UNCOMPRESSED) as f:
         shutil.copyfileobj(f, out, 8 << 20)
     return tmp
+
+
+def grid_corners(origin, axes, shape) -> np.ndarray:
+    """The 8 corner voxel centres (LPS mm, rows sorted) of a grid: voxel ``i`` of axis ``a`` sits at
+    ``origin + sum_a i_a * axes[a]``. Equal corner sets mean the same grid, whatever the axis order."""
+    origin, axes = np.asarray(origin, np.float64), np.asarray(axes, np.float64)
+    corners = [
+        origin + sum(c * (n - 1) * axes[a] for a, (c, n) in enumerate(zip(pick, shape)))
+        for pick in np.ndindex(2, 2, 2)
+    ]
+    return np.array(sorted(np.round(corners, 2).tolist()))
+
+
+def read_label_on(label_path: str, shape, corners: np.ndarray, tolerance_mm: float) -> np.ndarray:
+    """A NIfTI label map on a volume's [D, H, W] grid (`shape`, `corners` from `grid_corners` in LPS);
+    GeometryError when the label's grid is another one (shape, or corners off by more than
+    `tolerance_mm`)."""
+    import nibabel as nib
+
+    _, label, _ = read_nifti(label_path, None, as_label=True)
+    lab = nib.load(_local_copy(label_path))
+    lps_axes = (_RAS_TO_LPS @ lab.affine[:3, :3]).T
+    theirs = grid_corners(_RAS_TO_LPS @ lab.affine[:3, 3], lps_axes, lab.shape[:3])
+    if tuple(label.shape) != tuple(shape):
+        raise GeometryError(
+            f"{label_path}: label grid {tuple(label.shape)} differs from the volume's {tuple(shape)}",
+            "label_mismatch",
+        )
+    off = float(np.abs(theirs - corners).max())
+    if off > tolerance_mm:
+        raise GeometryError(
+            f"{label_path}: label grid is {off:.2f} mm away from the volume's (corners differ)",
+            "label_mismatch",
+        )
+    return label
