@@ -357,14 +357,17 @@ def _stack(argv: Sequence[str]) -> int:
 
 def _demo(argv: Sequence[str]) -> int:
     parser = _Parser(prog="headrace demo", description="the main job on embedded defaults")
-    parser.add_argument("--workdir", default="headrace-demo", help="where the demo writes (replaced)")
+    parser.add_argument(
+        "--workdir", default="headrace-demo", help="where the demo writes (replaced if the demo made it)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace --workdir even if the demo did not make it")
     parser.add_argument("--small", action="store_true", help="the same stages on a fraction of the data")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     from headrace.runners import demo
 
-    return demo.run_demo(args.workdir, demo.SMALL if args.small else demo.FULL)
+    return demo.run_demo(args.workdir, demo.SMALL if args.small else demo.FULL, overwrite=args.overwrite)
 
 
 def _usage() -> str:

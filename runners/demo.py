@@ -17,7 +17,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["FULL", "SMALL", "Sizes", "run_demo"]
+from headrace.core.errors import InputError
+
+__all__ = ["FULL", "MARKER", "SMALL", "Sizes", "prepare_workdir", "run_demo"]
 
 _log = logging.getLogger("headrace.demo")
 
@@ -258,16 +260,35 @@ STAGES: list[tuple[str, Callable[[Path, Sizes], tuple[str, str]]]] = [
 ]
 
 
-def run_demo(workdir: str, sizes: Sizes = FULL) -> int:
+MARKER = ".headrace-demo"
+
+
+def prepare_workdir(workdir: str, *, overwrite: bool = False) -> Path:
+    """The demo's directory, emptied. A directory the demo made holds `MARKER` and is replaced; any other
+    non-empty one is refused (it may hold someone's data) unless `overwrite`."""
+    root = Path(workdir).absolute()
+    if root.exists():
+        if not root.is_dir():
+            raise InputError(f"--workdir {workdir}: exists and is not a directory")
+        ours = (root / MARKER).is_file()
+        if not ours and any(root.iterdir()) and not overwrite:
+            raise InputError(
+                f"--workdir {workdir}: not empty and not made by `headrace demo` (no {MARKER} file); "
+                "choose another directory or pass --overwrite to replace it"
+            )
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    (root / MARKER).write_text("made by `headrace demo`; the next demo run replaces this directory\n")
+    return root
+
+
+def run_demo(workdir: str, sizes: Sizes = FULL, *, overwrite: bool = False) -> int:
     from headrace.core import mesh as mesh_lib
 
+    root = prepare_workdir(workdir, overwrite=overwrite)
     # Before anything starts TensorFlow's runtime. BFC: unet3d measures its peak memory per device.
     os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
     mesh_lib.configure_virtual_devices(8)
-    root = Path(workdir).absolute()
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
     rows, failed = [], []
     start = time.perf_counter()
     for name, stage in STAGES:

@@ -15,3 +15,22 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert "run ctr-ingest" in out and "train ctr deepfm" in out
     assert "run ct-ingest" in out and "labelled" in out
     assert "train unet3d" in out and "Dice" in out
+
+
+def test_workdir_it_did_not_make_is_refused_unless_overwrite(tmp_path, capsys):
+    from headrace.runners import cli
+
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    assert cli.main(["demo", "--workdir", str(precious)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not made by `headrace demo`" in err and "--overwrite" in err
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    # An empty directory, or one the demo made (its marker file), is the demo's to replace.
+    root = demo.prepare_workdir(str(tmp_path / "fresh"))
+    (root / "stale.txt").write_text("old output")
+    root = demo.prepare_workdir(str(root))
+    assert sorted(p.name for p in root.iterdir()) == [demo.MARKER]
+    root = demo.prepare_workdir(str(precious), overwrite=True)
+    assert sorted(p.name for p in root.iterdir()) == [demo.MARKER]
