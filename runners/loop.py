@@ -487,6 +487,10 @@ class Run:
         self.staged = staged
         self.resume = bool(getattr(config, "resume", False)) if resume is None else resume
         self.dir = self.output.parent / f".{self.output.name}.partial" if staged else self.output
+        data = getattr(config, "data", None)
+        if staged and isinstance(data, str) and data and "://" not in data and not Path(data).is_dir():
+            # Checked before anything is written: a typo in --data leaves no output behind.
+            raise InputError(f"--data {data}: no such directory (the output folder of a headrace pipeline)")
 
     def __enter__(self) -> Run:
         if self.staged:

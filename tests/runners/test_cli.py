@@ -102,3 +102,12 @@ def test_run_example_through_the_cli_with_flags_and_overrides(tmp_path, capsys):
     # An existing output is not replaced without --overwrite.
     assert cli.main(["run", "example", "--output", str(out), "--num-records", "10"]) == 1
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["mlp", "ctr", "crowd-classifier", "unet3d"])
+def test_train_with_a_bad_data_path_writes_nothing(tmp_path, capsys, model):
+    out = tmp_path / "out"
+    code = cli.main(["train", model, "--data", str(tmp_path / "typo"), "--output", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and f"--data {tmp_path / 'typo'}" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no staging folder
