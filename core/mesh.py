@@ -3,7 +3,9 @@
 A mesh is written as ``batch=4,model=2``: named dimensions, their sizes multiplying to the device count.
 `create_mesh` puts it on GPUs when enough are present, otherwise on virtual CPU devices (the first physical
 CPU split into logical devices, which must happen before TensorFlow initialises its runtime; tests and the
-CLI call `configure_virtual_devices` first thing).
+CLI call `configure_virtual_devices` first thing). A mesh that needs more GPUs than are present runs on
+virtual CPUs with a warning that says so. ``auto`` (the trainers' default) is ``batch=4,model=2`` where
+there are no GPUs and a mesh of the GPUs present where there are (`auto_mesh`).
 
 Initialisation is stateless and layout-independent: values are drawn unsharded from an explicit seed and
 then laid out. DTensor's own expansion of a stateless random op under a sharded layout derives a seed per
@@ -13,6 +15,7 @@ could not be compared number for number. Stateful RNG ops are refused by DTensor
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -22,7 +25,9 @@ import numpy as np
 from headrace.core.errors import ConfigError, HeadraceError
 
 __all__ = [
+    "AUTO",
     "UNSHARDED",
+    "auto_mesh",
     "batch_layout",
     "configure_virtual_devices",
     "create_mesh",
@@ -36,6 +41,10 @@ __all__ = [
 ]
 
 UNSHARDED = "unsharded"
+AUTO = "auto"
+CPU_DEFAULT = (("batch", 4), ("model", 2))
+
+_log = logging.getLogger("headrace.mesh")
 
 
 def _tf():
@@ -50,10 +59,23 @@ def _dtensor():
     return dtensor
 
 
+def auto_mesh(gpus: int | None = None) -> list[tuple[str, int]]:
+    """The mesh ``auto`` stands for: ``batch=4,model=2`` on CPUs (and on 8 or more GPUs); on 1..7 GPUs,
+    all of them: ``batch=G/2,model=2`` for an even count, ``batch=G,model=1`` otherwise."""
+    if gpus is None:
+        gpus = len(_tf().config.list_physical_devices("GPU"))
+    if gpus == 0 or gpus >= 8:
+        return list(CPU_DEFAULT)
+    return [("batch", gpus // 2), ("model", 2)] if gpus % 2 == 0 else [("batch", gpus), ("model", 1)]
+
+
 def parse_mesh(spec: str | Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
-    """``"batch=4,model=2"`` -> ``[("batch", 4), ("model", 2)]``; raises ConfigError on bad specs."""
+    """``"batch=4,model=2"`` -> ``[("batch", 4), ("model", 2)]``; ``"auto"`` -> `auto_mesh`; raises
+    ConfigError on bad specs."""
     if not isinstance(spec, str):
         return [(str(n), int(s)) for n, s in spec]
+    if spec.strip() == AUTO:
+        return auto_mesh()
     dims = []
     for part in spec.split(","):
         name, sep, size = part.strip().partition("=")
@@ -95,15 +117,28 @@ def configure_virtual_devices(n: int = 8) -> None:
             ) from None
 
 
+def _spec_text(dims) -> str:
+    return ",".join(f"{name}={size}" for name, size in dims)
+
+
 def create_mesh(spec: str | Sequence[tuple[str, int]], device_type: str | None = None):
     """A DTensor mesh over GPUs if at least as many as the mesh needs, else over virtual CPUs."""
     tf, dtensor = _tf(), _dtensor()
     dims = parse_mesh(spec)
     n = math.prod(s for _, s in dims)
     if device_type is None:
-        device_type = os.environ.get("HEADRACE_DEVICE_TYPE") or (
-            "GPU" if len(tf.config.list_physical_devices("GPU")) >= n else "CPU"
-        )
+        gpus = len(tf.config.list_physical_devices("GPU"))
+        device_type = os.environ.get("HEADRACE_DEVICE_TYPE") or ("GPU" if gpus >= n else "CPU")
+        if 0 < gpus < n and device_type.upper() == "CPU":
+            _log.warning(
+                "mesh %s needs %d devices but %d GPU(s) are present: running on %d virtual CPU devices; "
+                "--mesh auto (or one of at most %d devices) uses the GPUs",
+                _spec_text(dims),
+                n,
+                gpus,
+                n,
+                gpus,
+            )
     device_type = device_type.upper()
     if device_type == "CPU":
         configure_virtual_devices(n)

@@ -63,7 +63,10 @@ class TrainConfig:
 
     data: str = dataclasses.field(default="", metadata={"help": "the pipeline output to train on"})
     output: str = ""
-    mesh: str = dataclasses.field(default="batch=4,model=2", metadata={"help": "NAME=SIZE,..."})
+    mesh: str = dataclasses.field(
+        default="auto",
+        metadata={"help": "NAME=SIZE,... or auto (batch=4,model=2 on CPUs, a mesh of the GPUs present)"},
+    )
     seed: int = 0
     log_every_seconds: float = 10.0
     checkpoint_every: int = dataclasses.field(

@@ -48,3 +48,28 @@ def test_initial_values_do_not_depend_on_the_layout(dims):
     assert dtensor.fetch_layout(var).sharding_specs == [d or dtensor.UNSHARDED for d in dims]
     np.testing.assert_array_equal(mesh_lib.to_numpy(var), value)
     np.testing.assert_array_equal(value, mesh_lib.initial_value((8, 6), seed=3, kind="normal"))
+
+
+def test_auto_mesh_fits_the_gpus_present():
+    assert mesh_lib.auto_mesh(0) == [("batch", 4), ("model", 2)]
+    assert mesh_lib.auto_mesh(1) == [("batch", 1), ("model", 1)]
+    assert mesh_lib.auto_mesh(2) == [("batch", 1), ("model", 2)]
+    assert mesh_lib.auto_mesh(3) == [("batch", 3), ("model", 1)]
+    assert mesh_lib.auto_mesh(8) == [("batch", 4), ("model", 2)]
+    assert mesh_lib.parse_mesh("auto") == [("batch", 4), ("model", 2)]  # this machine has no GPU
+
+
+def test_a_mesh_larger_than_the_gpus_present_says_it_runs_on_cpus(monkeypatch, caplog):
+    import tensorflow as tf
+
+    real = tf.config.list_physical_devices
+    # One GPU as the machine would list it (this one has none): the choice, not the device, is tested.
+    monkeypatch.setattr(
+        tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"] if kind == "GPU" else real(kind)
+    )
+    with caplog.at_level("WARNING", logger="headrace.mesh"):
+        mesh = mesh_lib.create_mesh("batch=4,model=2")
+    assert mesh.device_type() == "CPU"
+    (record,) = [r for r in caplog.records if r.name == "headrace.mesh"]
+    assert "needs 8 devices but 1 GPU(s) are present: running on 8 virtual CPU devices" in record.getMessage()
+    assert mesh_lib.parse_mesh("auto") == [("batch", 1), ("model", 1)]
