@@ -182,11 +182,14 @@ def peak_bytes(step_fn, inputs, n_devices: int, devs: Sequence[str]) -> int | No
 
 
 def split_ids(ids: Sequence[str], eval_fraction: float) -> tuple[list[str], list[str]]:
-    """(train, held out) by a hash of the id; at least one of each when there are two or more."""
+    """(train, held out) by a hash of the id; at least one of each when there are two or more, and the
+    only one trained on when there is one."""
 
     def h(i: str) -> float:
         return int.from_bytes(hashlib.sha1(i.encode()).digest()[:4], "big") / 2**32
 
+    if len(ids) == 1:
+        return list(ids), []
     held = [i for i in ids if h(i) < eval_fraction]
     train = [i for i in ids if h(i) >= eval_fraction]
     if len(ids) >= 2 and eval_fraction > 0:
@@ -239,6 +242,11 @@ class UNet3DTask(loop.Task):
         self.train_ids, self.held_ids = split_ids(labelled, config.eval_fraction)
         self.eval_on_train = not self.held_ids
         if self.eval_on_train:
+            _log.warning(
+                "unet3d: %d labelled volume(s), all used for training: no held-out Dice can be computed "
+                "(metrics.json gives the Dice on the training volumes as train_dice)",
+                len(self.train_ids),
+            )
             self.held_ids = self.train_ids
         if self.unlabelled:
             _log.info("unet3d: %d volumes without a label skipped", len(self.unlabelled))
@@ -368,7 +376,8 @@ class UNet3DTask(loop.Task):
             self.scores[v["id"].numpy().decode()] = dice(prob > 0.5, truth)
             if self.example is None:
                 self.example = (v["volume"].numpy(), truth, prob)
-        return {"dice": float(np.mean(list(self.scores.values())))}
+        score = float(np.mean(list(self.scores.values())))
+        return {"train_dice": score, "dice": None} if self.eval_on_train else {"dice": score}
 
     def metrics(self, result: loop.FitResult) -> dict:
         loss = result.history["loss"]

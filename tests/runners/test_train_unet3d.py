@@ -112,3 +112,17 @@ def test_whole_volumes_train_partitioned(ct_out, tmp_path):
     metrics = _metrics(m)
     assert metrics["patch"] == [32, 48, 48] and metrics["block_depths"] == [16, 16]
     assert len(metrics["loss_history"]) == 2 and np.isfinite(metrics["loss_history"]).all()
+
+
+def test_one_labelled_volume_trains_and_says_there_is_no_held_out_dice(tmp_path, capsys):
+    ph = ct_data.phantom((16, 32, 32), seed=9, lesion_radius=0.3)
+    ct_data.write_nifti(tmp_path / "in" / "only.nii.gz", ph.hu)
+    ct_data.write_nifti(tmp_path / "in" / "only_label.nii.gz", ph.label, dtype=np.uint8)
+    run_pipeline(build_ct_ingest, CtIngestConfig(input=str(tmp_path / "in"), output=str(tmp_path / "ct")))
+    argv = ["train", "unet3d", "--data", str(tmp_path / "ct"), "--output", str(tmp_path / "m"), "--partitions", "1"]
+    assert cli.main(argv + ["--steps", "3", "--patch", "16,32,32", "--channels", "2", "--depth", "2"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("no held-out Dice can be computed") == 1
+    m = _metrics(tmp_path / "m")
+    assert m["train_volumes"] == 1 and m["eval_on_train_volumes"] and m["dice"] is None
+    assert 0 <= m["train_dice"] <= 1
