@@ -11,6 +11,11 @@ where the pipeline was given ``--truth``.
 Writes ``M/metrics.json``, ``M/curves.png``, TensorBoard summaries, a checkpoint, and
 ``M/predictions.csv`` (task plus one probability column per class, for every task), which
 ``headrace run crowd-labels --task-priors M/predictions.csv`` uses as each task's prior in the EM.
+
+A prior must not come from a model that learned that task's own posterior, or the EM counts the task's
+annotations twice. So the train tasks' predictions are out of fold: `folds` more models are trained,
+each without one fold of the train tasks (by a hash of the task id), and each predicts the fold it
+did not see. The eval tasks' predictions come from the main model, which never saw them either.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import tensorflow as tf
 
 from headrace.core import config as config_lib
 from headrace.core import mesh as mesh_lib
-from headrace.core.errors import InputError
+from headrace.core.errors import ConfigError, InputError
 from headrace.models import metrics
 from headrace.models.optim import Adam
 from headrace.models.text_classifier import TextClassifier, TextClassifierConfig, text_to_ids
@@ -45,6 +50,9 @@ class CrowdClassifierConfig(loop.TrainConfig):
     epochs: int = 8
     learning_rate: float = 0.01
     log_every_seconds: float = 5.0
+    folds: int = dataclasses.field(
+        default=5, metadata={"help": "k of the out-of-fold predictions for train tasks (0: in-sample)"}
+    )
     model: TextClassifierConfig = dataclasses.field(default_factory=TextClassifierConfig)
 
 
@@ -64,12 +72,23 @@ def _report(data: str) -> dict:
 class CrowdClassifierTask(loop.Task):
     name = "crowd-classifier"
 
-    def __init__(self, config: CrowdClassifierConfig, classes: list[str], train_tasks: int):
+    def __init__(
+        self,
+        config: CrowdClassifierConfig,
+        classes: list[str],
+        train_tasks: int,
+        fold: tuple[int, int] | None = None,
+    ):
         super().__init__(config)
         self.classes, self.train_tasks = classes, train_tasks
+        self.fold = fold  # (f, k): train without fold f of k, predict fold f
+        self.out_of_fold: dict[str, np.ndarray] = {}  # task -> probabilities, from the fold models
+        seen = train_tasks * (fold[1] - 1) // fold[1] if fold else train_tasks
         # One shuffled stream repeated over the epochs (batches may straddle two); loss_last is the mean
         # of the last epoch's steps.
-        self.epoch_steps = self.loss_window = max(1, train_tasks // config.batch_size)
+        self.epoch_steps = self.loss_window = max(1, seen // config.batch_size)
+        if fold:
+            self.name = f"crowd-classifier fold {fold[0] + 1}/{fold[1]}"
 
     def build(self, mesh) -> None:
         self.model = TextClassifier(self.config.model, mesh)
@@ -81,7 +100,7 @@ class CrowdClassifierTask(loop.Task):
     def total_steps(self) -> int:
         return self.epoch_steps * self.config.epochs
 
-    def _inputs(self, split: str, **kwargs):
+    def _inputs(self, split: str, in_fold: bool | None = None, **kwargs):
         c, m = self.config, self.config.model
 
         def features(b):
@@ -94,10 +113,25 @@ class CrowdClassifierTask(loop.Task):
             }
 
         ds = crowd.dataset(c.data, split, c.batch_size, **kwargs)
+        if in_fold is not None:  # only the tasks of (in_fold=True) or outside (False) this task's fold
+            f, k = self.fold
+            drop = bool(kwargs.get("drop_remainder", False))
+            ds = (
+                ds.unbatch()
+                .filter(lambda r: tf.equal(tf.strings.to_hash_bucket_fast(r["task"], k) == f, in_fold))
+                .batch(c.batch_size, drop_remainder=drop)
+            )
         return ds.map(features, num_parallel_calls=tf.data.AUTOTUNE)
 
     def dataset(self, epoch: int):
-        return self._inputs("train", shuffle=True, seed=self.config.seed, repeat=True, drop_remainder=True)
+        return self._inputs(
+            "train",
+            in_fold=False if self.fold else None,
+            shuffle=True,
+            seed=self.config.seed,
+            repeat=True,
+            drop_remainder=True,
+        )
 
     def place(self, batch, step: int):
         return mesh_lib.shard_batch(self.mesh, batch["ids"]), mesh_lib.shard_batch(
@@ -113,11 +147,11 @@ class CrowdClassifierTask(loop.Task):
     def predict_step(self, ids):
         return tf.nn.softmax(self.model(ids), axis=-1)
 
-    def predict(self, fit: loop.Fit, split: str):
+    def predict(self, fit: loop.Fit, split: str, in_fold: bool | None = None):
         """(tasks, probabilities [N, K], aggregated labels [N], truth [N]) of a split."""
         rows = {"task": [], "p": [], "label": [], "truth": []}
         for batch, p in fit.predict(
-            self._inputs(split), lambda b: (mesh_lib.shard_batch(self.mesh, b["ids"]),)
+            self._inputs(split, in_fold), lambda b: (mesh_lib.shard_batch(self.mesh, b["ids"]),)
         ):
             rows["p"].append(p)
             rows["task"] += [t.decode() for t in batch["task"].numpy()]
@@ -126,6 +160,10 @@ class CrowdClassifierTask(loop.Task):
         return rows["task"], *(np.concatenate(rows[k]) for k in ("p", "label", "truth"))
 
     def evaluate(self, fit: loop.Fit) -> dict:
+        if self.fold:  # a fold model: its predictions for the fold it did not see
+            tasks, p, _, _ = self.predict(fit, "train", in_fold=True)
+            self.out_of_fold = dict(zip(tasks, p))
+            return {"fold_tasks": len(tasks)}
         tasks, p, label, truth = self.predict(fit, "eval")
         pred, known = p.argmax(axis=1), truth >= 0
         self._predictions = {"eval": (tasks, p), "train": self.predict(fit, "train")[:2]}
@@ -139,11 +177,20 @@ class CrowdClassifierTask(loop.Task):
         }
 
     def metrics(self, result: loop.FitResult) -> dict:
-        return {"classes": self.classes, "train_tasks": self.train_tasks}
+        k = self.config.folds
+        priors = f"out-of-fold ({k} folds)" if self.out_of_fold else "in-sample"
+        return {"classes": self.classes, "train_tasks": self.train_tasks, "train_predictions": priors}
 
     def write_outputs(self, directory: Path, result: loop.FitResult, m: dict) -> None:
-        """predictions.csv: every task, train and eval, with one probability column per class."""
+        """predictions.csv: every task, train (out of fold) and eval, one probability column per class."""
         (train_tasks, train_p), (eval_tasks, eval_p) = self._predictions["train"], self._predictions["eval"]
+        if self.out_of_fold:
+            missing = [t for t in train_tasks if t not in self.out_of_fold]
+            if missing:
+                raise RuntimeError(
+                    f"{len(missing)} train tasks have no out-of-fold prediction: {missing[:3]}"
+                )
+            train_p = np.stack([self.out_of_fold[t] for t in train_tasks])
         with open(directory / "predictions.csv", "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["task", *self.classes])
@@ -167,4 +214,12 @@ def train_and_evaluate(config: CrowdClassifierConfig) -> dict:
     train_tasks = report.get("tasks_file", {}).get("train")
     if train_tasks is None:
         raise InputError(f"--data {config.data}: no classifier shards; run crowd-labels with --tasks T.csv")
-    return loop.fit(CrowdClassifierTask(config, classes, train_tasks))
+    if config.folds == 1 or config.folds < 0:
+        raise ConfigError(f"--folds {config.folds}: 0 (in-sample predictions) or at least 2")
+    main = CrowdClassifierTask(config, classes, train_tasks)
+    with loop.Run(config) as run:
+        for f in range(config.folds):
+            fold = CrowdClassifierTask(config, classes, train_tasks, fold=(f, config.folds))
+            run.train(fold, phase=f"fold{f}")
+            main.out_of_fold.update(fold.out_of_fold)
+        return run.finish(main, run.train(main))

@@ -47,8 +47,14 @@ def test_classifier_learns_from_soft_labels_and_feeds_back(crowd):
     assert list((out / "tensorboard").glob("events.*"))
     predictions = pd.read_csv(out / "predictions.csv", dtype={"task": str})
     assert list(predictions.columns) == ["task", "c0", "c1", "c2"] and len(predictions) == 1200
+    # The train tasks' predictions come from fold models that never saw those tasks (their posteriors
+    # come from the same annotations the EM will count again).
+    assert m["train_predictions"] == "out-of-fold (5 folds)"
+    for f in range(5):
+        assert list((out / "tensorboard" / f"fold{f}").glob("events.*"))
 
-    # Feedback: the classifier's predictions as per-task priors make the EM's labels more accurate.
+    # Feedback: the classifier's out-of-fold predictions as per-task priors make the EM's labels more
+    # accurate.
     before = json.loads((root / "labels" / "report.json").read_text())["truth"]["accuracy"]
     run_pipeline(
         build_crowd_labels,
