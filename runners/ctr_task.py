@@ -107,6 +107,9 @@ class CTRTrainConfig(loop.TrainConfig):
         default=10.0, metadata={"help": "longest an example waits in the buffer before training (s)"}
     )
     read_chunk: int = 8192
+    partition_refresh: float = dataclasses.field(
+        default=10.0, metadata={"help": "seconds between listings of the topic's partitions (--online)"}
+    )
     poll_interval: float = 0.2
     keep_versions: int = 3
 

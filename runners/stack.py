@@ -256,6 +256,18 @@ def create_topics(bootstrap: str, topics, partitions: int = 1) -> list[str]:
     return [row[1] for row in rows if row[0] == "created"]
 
 
+def add_partitions(bootstrap: str, topics, partitions: int) -> None:
+    """Grows the topics to `partitions` partitions each (Kafka only ever adds partitions)."""
+    _admin(bootstrap, "grow", str(partitions), *topics)
+
+
+def produce_lines(bootstrap: str, topic: str, path: str | os.PathLike, partition: int = 0) -> int:
+    """Sends each line of `path` to one partition of `topic`, in order (Kafka's Java producer,
+    idempotent); returns how many."""
+    rows = _admin(bootstrap, "produce", str(partition), topic, str(path))
+    return int(rows[-1][3])
+
+
 def end_offsets(bootstrap: str, topics) -> dict[tuple[str, int], int]:
     """``{(topic, partition): end offset}`` for every partition of the topics (which must exist)."""
     return {(row[0], int(row[1])): int(row[2]) for row in _admin(bootstrap, "offsets", *topics)}

@@ -6,8 +6,9 @@
 
 A task on the one training loop (`headrace.runners.loop`) whose batches never end:
 
-Reading. Every partition of the topic is read by explicit offsets (`headrace.runners.kafka`): the next
-offset of each partition is trainer state, saved in the same checkpoint as the model and the embedding
+Reading. Every partition of the topic is read by explicit offsets (`headrace.runners.kafka`); the topic's
+partitions are listed again every `partition_refresh` seconds, and a partition added while the trainer
+runs is read from its start. The next offset of each partition is trainer state, saved in the same checkpoint as the model and the embedding
 table, with the examples read but not yet trained (the shuffle buffer's contents), so a trainer killed at
 any point resumes with no example lost and none trained twice beyond the last checkpoint. The output
 directory is the trainer's live state: it is not staged, and a restart always resumes from it.
@@ -81,11 +82,18 @@ class OnlineCTRTask(CTRTask):
         super().build(mesh)
         c = self.config
         stack.create_topics(c.bootstrap, [c.examples])
-        partitions = sorted(p for (_, p) in stack.end_offsets(c.bootstrap, [c.examples]))
+        partitions = self._list_partitions()
         self.readers = [PartitionReader(c.bootstrap, c.examples, p) for p in partitions]
         # Read positions: every example below is trained, rejected, or pending in the shuffle buffer,
-        # whose contents are saved alongside (`pending_*`).
-        self.offsets = tf.Variable(np.zeros(len(partitions), np.int64), trainable=False, name="offsets")
+        # whose contents are saved alongside (`pending_*`). Reader i reads partition `partition_ids[i]`;
+        # partitions added to the topic later are appended (`_refresh_partitions`).
+        self.offsets = tf.Variable(
+            np.zeros(len(partitions), np.int64), shape=[None], trainable=False, name="offsets"
+        )
+        self.partition_ids = tf.Variable(
+            np.array(partitions, np.int64), shape=[None], trainable=False, name="partition_ids"
+        )
+        self._listed = time.monotonic()
         self.trained = tf.Variable(np.int64(0), trainable=False, name="examples_trained")
         self.rejected = tf.Variable(np.int64(0), trainable=False, name="examples_rejected")
         self.keep_rate = tf.Variable(1.0, trainable=False, name="negative_keep_rate")
@@ -102,6 +110,7 @@ class OnlineCTRTask(CTRTask):
         groups["host"] = {
             **groups["host"],
             "offsets": self.offsets,
+            "partition_ids": self.partition_ids,
             "trained": self.trained,
             "rejected": self.rejected,
             "keep_rate": self.keep_rate,
@@ -111,6 +120,11 @@ class OnlineCTRTask(CTRTask):
         return groups
 
     def restored(self, fit: loop.Fit) -> None:
+        # Readers in the checkpoint's order (its buffer names readers by index), then any partition
+        # the topic gained since, from its start.
+        c, saved = self.config, [int(p) for p in self.partition_ids.numpy()]
+        self.readers = [PartitionReader(c.bootstrap, c.examples, p) for p in saved]
+        self._refresh_partitions()
         self.buffer.restore(self.pending.numpy(), self.pending_where.numpy(), time.monotonic())
         _log.info(
             "online: resumed at step %d, %d examples trained, offsets %s, %d pending",
@@ -140,8 +154,27 @@ class OnlineCTRTask(CTRTask):
         c = self.config  # no schedule: a stream has no epochs to warm up over
         return c.learning_rate, c.embedding_learning_rate, c.l2
 
+    def _list_partitions(self) -> list[int]:
+        c = self.config
+        return sorted(p for (_, p) in stack.end_offsets(c.bootstrap, [c.examples]))
+
+    def _refresh_partitions(self) -> None:
+        """Adds a reader (from offset 0) for every partition the topic has gained."""
+        self._listed = time.monotonic()
+        known = {r.partition for r in self.readers}
+        new = [p for p in self._list_partitions() if p not in known]
+        if not new:
+            return
+        c = self.config
+        self.readers += [PartitionReader(c.bootstrap, c.examples, p) for p in new]
+        self.offsets.assign(np.concatenate([self.offsets.numpy(), np.zeros(len(new), np.int64)]))
+        self.partition_ids.assign(np.array([r.partition for r in self.readers], np.int64))
+        _log.info("online: %s gained partition(s) %s; reading them from offset 0", c.examples, new)
+
     def _poll(self) -> int:
         """Reads what is new in every partition into the buffer; returns how many lines."""
+        if time.monotonic() - self._listed >= self.config.partition_refresh:
+            self._refresh_partitions()
         read, got, now = self.offsets.numpy(), 0, time.monotonic()
         for i, reader in enumerate(self.readers):
             end = reader.end()

@@ -263,3 +263,38 @@ def test_replay_cli_and_offset_reads_on_the_broker(kafka_broker, tmp_path):
     assert end == 300 and [m.split("\t")[0] for m in everything] == [f"r{k}" for k in range(300)]
     assert one == everything[3:4] and last == everything[-1:] and empty == []
     assert first == []  # a lone first message waits for a second (documented)
+
+
+@pytest.mark.kafka
+def test_partitions_added_while_training_are_read(kafka_broker, tmp_path):
+    topic = "online-growing"
+    stack.create_topics(kafka_broker, [topic], partitions=1)
+    rows = _criteo(tmp_path, 3000, seed=21)
+    first, second = rows[:1000], rows[1000:]
+    _produce(kafka_broker, topic, first, tmp_path / "first.txt")
+    total = len(first) + len(second)
+    cmd = _trainer(kafka_broker, topic, tmp_path, "--batch-size", "64", "--sync-every", "0.5")
+    cmd += ["--partition-refresh", "1", "--max-examples", str(total), "--idle-timeout", "90"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        syncs = tmp_path / "model" / "syncs.jsonl"
+        deadline = time.monotonic() + 180
+        while not (syncs.exists() and syncs.read_text().strip()):  # the first part is being trained
+            assert proc.poll() is None and time.monotonic() < deadline, "trainer did not start"
+            time.sleep(0.5)
+        stack.add_partitions(kafka_broker, [topic], 2)
+        path = tmp_path / "second.txt"
+        path.write_text("".join("\t".join([r[0], "1", *r[1:]]) + "\n" for r in second))
+        assert stack.produce_lines(kafka_broker, topic, path, partition=1) == len(second)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    ends = stack.end_offsets(kafka_broker, [topic])
+    assert ends == {(topic, 0): len(first), (topic, 1): len(second)}
+    result = json.loads((tmp_path / "model" / "metrics.json").read_text())
+    assert result["examples_trained"] == total
+    assert result["offsets"] == {str(p): n for (_, p), n in ends.items()}
+    assert "gained partition(s) [1]" in err

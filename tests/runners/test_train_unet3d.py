@@ -119,7 +119,16 @@ def test_one_labelled_volume_trains_and_says_there_is_no_held_out_dice(tmp_path,
     ct_data.write_nifti(tmp_path / "in" / "only.nii.gz", ph.hu)
     ct_data.write_nifti(tmp_path / "in" / "only_label.nii.gz", ph.label, dtype=np.uint8)
     run_pipeline(build_ct_ingest, CtIngestConfig(input=str(tmp_path / "in"), output=str(tmp_path / "ct")))
-    argv = ["train", "unet3d", "--data", str(tmp_path / "ct"), "--output", str(tmp_path / "m"), "--partitions", "1"]
+    argv = [
+        "train",
+        "unet3d",
+        "--data",
+        str(tmp_path / "ct"),
+        "--output",
+        str(tmp_path / "m"),
+        "--partitions",
+        "1",
+    ]
     assert cli.main(argv + ["--steps", "3", "--patch", "16,32,32", "--channels", "2", "--depth", "2"]) == 0
     err = capsys.readouterr().err
     assert err.count("no held-out Dice can be computed") == 1
