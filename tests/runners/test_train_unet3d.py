@@ -129,7 +129,7 @@ def test_one_labelled_volume_trains_and_says_there_is_no_held_out_dice(tmp_path,
         "--partitions",
         "1",
     ]
-    assert cli.main(argv + ["--steps", "3", "--patch", "16,32,32", "--channels", "2", "--depth", "2"]) == 0
+    assert cli.main([*argv, "--steps", "3", "--patch", "16,32,32", "--channels", "2", "--depth", "2"]) == 0
     err = capsys.readouterr().err
     assert err.count("no held-out Dice can be computed") == 1
     m = _metrics(tmp_path / "m")
