@@ -360,7 +360,9 @@ def _demo(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--workdir", default="headrace-demo", help="where the demo writes (replaced if the demo made it)"
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace --workdir even if the demo did not make it")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --workdir even if the demo did not make it"
+    )
     parser.add_argument("--small", action="store_true", help="the same stages on a fraction of the data")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
