@@ -313,7 +313,7 @@ def build_ctr_ingest(pipeline: beam.Pipeline, config: CtrIngestConfig) -> dict:
         "malformed": malformed | "Malformed" >> Total(),
         "split": processed[_Process.COUNTS] | "Split" >> Total(lambda counts: counts),
         "rejected": rejected | "Rejected" >> Total(),
-        "reasons": rejected | "Reasons" >> ReasonCounts(lambda r: r.split(",")[0]),
+        "reasons": rejected | "Reasons" >> ReasonCounts(lambda r: r.split(",")[0].split(" (")[0]),
     }
     report = counts | "Counts" >> NamedValues() | "Report" >> beam.Map(_report)
     report | "WriteReport" >> WriteJson(f"{out}/report.json")

@@ -167,7 +167,7 @@ def iter_csv_batches(
             rejections = text_reader.rejections()
             if not rejections:
                 empty = "empty" in str(exc).lower() or read_header(path)[0] is None
-                rejections = [Rejected(path, 1, "empty file" if empty else f"unparsable: {exc}", "")]
+                rejections = [Rejected(path, 1, "empty file" if empty else f"unparsable CSV ({exc})", "")]
             yield from rejections
             return
         header_names = reader.schema.names if header else None
@@ -178,7 +178,7 @@ def iter_csv_batches(
             except StopIteration:
                 batch = None
             except pa.ArrowInvalid as exc:
-                yield Rejected(path, next_line, f"unparsable from line {next_line} on: {exc}", "")
+                yield Rejected(path, next_line, f"unparsable CSV from line {next_line} on ({exc})", "")
                 batch, invalid = None, []
                 break
             n = 0 if batch is None else batch.num_rows
@@ -230,13 +230,18 @@ def _repeated_header(table: pa.Table, header: list[str] | None) -> np.ndarray | 
 class _ReadFile(beam.DoFn):
     REJECTED = "rejected"
 
-    def __init__(self, columns, delimiter, header, column_names, batch_rows, counter, quoting):
+    def __init__(self, columns, delimiter, header, column_names, batch_rows, counter, quoting, wrong=None):
         self._args = (columns, delimiter, header, column_names, batch_rows, quoting)
+        self._wrong = dict(wrong or {})  # path -> (reason, header line): rejected whole
         self._rows = beam.metrics.Metrics.counter("input", f"{counter}_rows_read")
         self._bad = beam.metrics.Metrics.counter("input", f"{counter}_rows_malformed")
 
     def process(self, path: str):
         columns, delimiter, header, column_names, batch_rows, quoting = self._args
+        if path in self._wrong:
+            self._bad.inc()
+            yield beam.pvalue.TaggedOutput(self.REJECTED, Rejected(path, 1, *self._wrong[path]))
+            return
         for item in iter_csv_batches(
             path,
             columns,
@@ -257,9 +262,10 @@ class _ReadFile(beam.DoFn):
 class ReadCsvBatches(beam.PTransform):
     """Files matching a pattern -> CsvBatch elements (main output) and Rejected rows (``rejected``).
 
-    The files are listed and their headers checked when the pipeline is built, so a missing file or
-    column fails at once with the flag's name. Each file is parsed by one worker; batches are then
-    spread over workers by the steps downstream.
+    The files are listed and their headers checked when the pipeline is built, so a missing file, or
+    columns no file has, fail at once with the flag's name; a file without text (empty, binary) or
+    whose header lacks a column, among files that have them, is rejected whole with that reason. Each
+    file is parsed by one worker; batches are then spread over workers by the steps downstream.
     """
 
     def __init__(
@@ -290,9 +296,22 @@ class ReadCsvBatches(beam.PTransform):
             expected = f" (expected a header line {delimiter.join(columns)})" if header else ""
             reason = why[path] + (expected if why[path] == "empty file" else "")
             raise InputError(f"{flag} {path}: {reason}; no file matching {file_pattern} has text to read")
+        # A text file whose header lacks a column is rejected whole, unless no file has the columns.
+        self.wrong: dict[str, tuple[str, str]] = {}
         if header:
+            errors = []
             for path in usable:
-                check_header(path, columns, flag=flag, delimiter=delimiter)
+                try:
+                    check_header(path, columns, flag=flag, delimiter=delimiter)
+                except InputError as exc:
+                    errors.append(exc)
+                    first = read_header(path)[0] or ""
+                    missing = [
+                        c for c in columns if c not in [h.strip().strip('"') for h in first.split(delimiter)]
+                    ]
+                    self.wrong[path] = (f"wrong header (lacks column(s) {', '.join(missing)})", first)
+            if len(errors) == len(usable):
+                raise errors[0]
         self.columns = list(columns)
         self.flag, self.delimiter, self.header = flag, delimiter, header
         self.column_names = list(column_names) if column_names else None
@@ -314,6 +333,7 @@ class ReadCsvBatches(beam.PTransform):
                     self.batch_rows,
                     counter,
                     self.quoting,
+                    self.wrong,
                 )
             ).with_outputs(_ReadFile.REJECTED, main="batches")
         )

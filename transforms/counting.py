@@ -61,9 +61,9 @@ class SumArrays(beam.CombineFn):
         return acc
 
 
-def reason_kind(reason: str, separators: Sequence[str] = (":",)) -> str:
+def reason_kind(reason: str, separators: Sequence[str] = (":", " (")) -> str:
     """The kind of a rejection reason: its text up to the first separator (``"field x1: not a number"``
-    -> ``"field x1"``)."""
+    -> ``"field x1"``, ``"not UTF-8 (byte 0xe9 at column 7)"`` -> ``"not UTF-8"``)."""
     for sep in separators:
         reason = reason.split(sep)[0]
     return reason

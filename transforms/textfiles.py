@@ -178,7 +178,7 @@ class TextReader(io.RawIOBase):
                 self.damage = Rejected(
                     self.path,
                     number,
-                    f"truncated or corrupt {self.codec or 'file'} data: {exc}; lines from {number} on are lost",
+                    f"truncated or corrupt {self.codec or 'file'} data ({exc}); lines from {number} on are lost",
                     _preview(pending),
                 )
                 return
