@@ -46,6 +46,9 @@ from apache_beam.io.filesystems import FileSystems
 from headrace.core import config as config_lib
 from headrace.core.errors import ConfigError, InputError
 from headrace.core.outputs import WORK_DIR
+from headrace.pipelines.ct_pairs import LabelPairs, read_label_pairs, unused_labels
+from headrace.pipelines.ct_pairs import file_id as _file_id
+from headrace.pipelines.ct_pairs import manifest_line as _manifest
 from headrace.transforms.dicom import read_dicom_series, read_header, series_corners
 from headrace.transforms.io import WriteJson, match_files
 from headrace.transforms.nifti import nifti_stem, pair, read_label_on, read_nifti
@@ -148,22 +151,6 @@ def ct_ingest_1mm() -> CtIngestConfig:
 # -------------------------------------------------------------------------------------------------
 # Inspecting files
 # -------------------------------------------------------------------------------------------------
-
-
-def _manifest(id_: str, sources: Sequence[str], status: str, reason: str = "", **extra) -> dict:
-    return {
-        "id": id_,
-        "sources": sorted(sources),
-        "status": status,
-        "reason": reason,
-        "shape": extra.pop("shape", None),
-        "spacing": extra.pop("spacing", None),
-        **extra,
-    }
-
-
-def _file_id(path: str, root: str) -> str:
-    return os.path.relpath(path, root) if not path.startswith(("gs://", "s3://")) else path
 
 
 class _Inspect(beam.DoFn):
@@ -331,23 +318,6 @@ def _safe(id_: str) -> str:
 # -------------------------------------------------------------------------------------------------
 
 
-def _unused_labels(lines: list[dict], pairs: LabelPairs, root: str) -> list[dict]:
-    """`lines` plus a rejected line for each ``--labels`` label of a folder that gave no DICOM series."""
-    used = {s for line in lines for s in line["sources"]}
-    extra = [
-        _manifest(
-            _file_id(label, root),
-            [label],
-            "rejected",
-            f"{label}: --labels pairs it with {folder}, which holds no DICOM series",
-            kind="unpaired_label",
-        )
-        for folder, label in sorted(pairs.dicom_labels.items())
-        if label not in used
-    ]
-    return lines + extra
-
-
 def _write_manifest(lines: list[dict], path: str) -> None:
     with FileSystems.create(path) as f:
         for line in sorted(lines, key=lambda r: (r["id"], r["sources"])):
@@ -412,48 +382,6 @@ def _check(config: CtIngestConfig) -> None:
         raise ConfigError(f"--block {config.block} / --halo {config.halo}: block >= 1, halo >= 0")
 
 
-@dataclasses.dataclass(frozen=True)
-class LabelPairs:
-    """The pairs of ``--labels``: label path -> NIfTI image stem, series folder -> label path."""
-
-    nifti_images: dict[str, str] = dataclasses.field(default_factory=dict)  # label -> image's stem
-    dicom_labels: dict[str, str] = dataclasses.field(default_factory=dict)  # folder -> label
-
-    @property
-    def dicom_label_files(self) -> set[str]:
-        return set(self.dicom_labels.values())
-
-
-def read_label_pairs(path: str | None, root: str, files: Sequence[str]) -> LabelPairs:
-    """``--labels`` checked when the pipeline is built: every image and label exists under --input."""
-    if not path:
-        return LabelPairs()
-    from headrace.transforms.columnar import CsvBatch, iter_csv_batches
-
-    inputs = set(files)
-    pairs = LabelPairs()
-    for item in iter_csv_batches(path, ["image", "label"]):
-        if not isinstance(item, CsvBatch):
-            raise InputError(f"--labels {path}:{item.line}: {item.reason}")
-        for line, image, label in zip(
-            item.lines, item.table.column("image").to_pylist(), item.table.column("label").to_pylist()
-        ):
-            image_path, label_path = f"{root}/{image.strip('/')}", f"{root}/{label.strip('/')}"
-            if label_path not in inputs or nifti_stem(label_path) is None:
-                raise InputError(f"--labels {path}:{line}: label {label!r} is not a NIfTI file under {root}")
-            if label_path in pairs.nifti_images or label_path in pairs.dicom_label_files:
-                raise InputError(f"--labels {path}:{line}: label {label!r} is paired twice")
-            if image_path in inputs and nifti_stem(image_path) is not None:
-                pairs.nifti_images[label_path] = nifti_stem(image_path.rsplit("/", 1)[-1])
-            elif any(f.startswith(image_path + "/") for f in inputs):
-                pairs.dicom_labels[image_path] = label_path
-            else:
-                raise InputError(
-                    f"--labels {path}:{line}: image {image!r} is neither a NIfTI file nor a folder under {root}"
-                )
-    return pairs
-
-
 def build_ct_ingest(pipeline: beam.Pipeline, config: CtIngestConfig) -> dict:
     _check(config)
     out = config.output.rstrip("/")
@@ -497,7 +425,7 @@ def build_ct_ingest(pipeline: beam.Pipeline, config: CtIngestConfig) -> dict:
         (inspected[_Inspect.REJECTED], dicom["lines"], nifti["lines"])
         | "AllLines" >> beam.Flatten()
         | "Collect" >> beam.combiners.ToList()
-        | "UnusedLabels" >> beam.Map(_unused_labels, pairs, root)
+        | "UnusedLabels" >> beam.Map(unused_labels, pairs, root)
     )
     lines | "WriteManifest" >> beam.Map(_write_manifest, f"{out}/manifest.jsonl")
     report = lines | "Report" >> beam.Map(_report, files_digest(files), config)

@@ -209,16 +209,16 @@ def build_example(pipeline: beam.Pipeline, config: ExampleConfig) -> dict:
     out = config.output.rstrip("/")
     if config.input:
         read = pipeline | "Read" >> ReadLines(config.input, skip_header_lines=1)
-        lines, unreadable = read["lines"], read["rejected"]
+        lines, unreadable = read["lines"], [read["rejected"]]  # what ReadLines left out is read too
     else:
         lines = pipeline | "Generate" >> GenerateLines(
             config.num_records, config.seed, config.malformed_every
         )
-        unreadable = pipeline | "NothingUnreadable" >> beam.Create([])
+        unreadable = []  # (no empty Create: Flink's runner drops it and fails the job)
     parsed = lines | "Parse" >> beam.ParDo(_Parse()).with_outputs(_Parse.REJECTED, main="ok")
     records = parsed.ok
-    rejected = (unreadable, parsed[_Parse.REJECTED]) | "AllRejected" >> beam.Flatten()
-    read_records = (lines, unreadable) | "AllRead" >> beam.Flatten()
+    rejected = (*unreadable, parsed[_Parse.REJECTED]) | "AllRejected" >> beam.Flatten()
+    read_records = (lines, *unreadable) | "AllRead" >> beam.Flatten()
     split = records | "Split" >> beam.Partition(
         lambda r, n, frac: int(is_eval(r["id"], frac)), 2, config.eval_fraction
     )
