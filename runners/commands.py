@@ -54,6 +54,14 @@ PIPELINES = {
         ),
         Command(
             "run",
+            "text-ingest",
+            "headrace.pipelines.text",
+            "build_text_ingest",
+            "text-ingest",
+            "text files -> SentencePiece vocabulary and packed token rows for the Transformer",
+        ),
+        Command(
+            "run",
             "ctr-ingest",
             "headrace.pipelines.ctr",
             "build_ctr_ingest",
