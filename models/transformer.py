@@ -232,14 +232,20 @@ class Transformer(tf.Module):
             x += self._ffn(block, self._norm(x, block["norm2"], block.get("bias2")))
         return self._logits(x)
 
-    def loss(self, tokens, segment_ids, positions):
-        """Mean next-token cross-entropy, counting only targets in the same document as their input."""
+    def row_losses(self, tokens, segment_ids, positions):
+        """(summed next-token cross-entropy [b], targets counted [b]) per row: a target counts only when
+        it is in the same document as the token that predicts it."""
         logits = self(tokens, segment_ids, positions)[:, :-1]  # predicts tokens[:, 1:]
         targets = tf.cast(tokens[:, 1:], tf.int32)
         seg = tf.cast(segment_ids, tf.int32)
         weight = tf.cast((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0), tf.float32)
         xent = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=logits)
-        return tf.reduce_sum(xent * weight) / tf.maximum(tf.reduce_sum(weight), 1.0)
+        return tf.reduce_sum(xent * weight, axis=1), tf.reduce_sum(weight, axis=1)
+
+    def loss(self, tokens, segment_ids, positions):
+        """Mean next-token cross-entropy over the counted targets of the batch."""
+        total, count = self.row_losses(tokens, segment_ids, positions)
+        return tf.reduce_sum(total) / tf.maximum(tf.reduce_sum(count), 1.0)
 
     # -- generation -------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ order; a document goes into the current row if it fits, else starts a new one, s
 across rows unless it is longer than a row (then it fills whole rows, its remainder continuing in the
 next). Every row carries `segment_ids` (1, 2, ... per document in the row, 0 for padding) and
 `positions` (the token's position in its document piece), the inputs `Transformer` masks attention with.
-Documents are split into train and eval by a hash of their path.
+Documents are split into train and eval by a hash of their path below the corpus folder (`eval_files`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import os
 
 import apache_beam as beam
 import numpy as np
@@ -194,8 +195,9 @@ class _Read(beam.DoFn):
 class _Tokenize(beam.DoFn):
     """(path, text) -> (split, shard, (path, ids)); the SentencePiece model is loaded once per worker."""
 
-    def __init__(self, model_path: str, config: TextIngestConfig, eval_shards: int):
+    def __init__(self, model_path: str, config: TextIngestConfig, eval_shards: int, eval_files: frozenset):
         self._path, self._config, self._eval_shards = model_path, config, eval_shards
+        self._eval_files = eval_files
         self._tokens = beam.metrics.Metrics.counter("text", "tokens")
 
     def setup(self):
@@ -208,7 +210,7 @@ class _Tokenize(beam.DoFn):
         path, text = element
         ids = [*self._sp.encode(text), self._sp.eos_id()]
         self._tokens.inc(len(ids))
-        is_eval = _hash(path) < self._config.eval_fraction
+        is_eval = path in self._eval_files
         shards = self._eval_shards if is_eval else self._config.shards
         shard = int(_hash(path + "/shard") * shards)
         yield ("eval" if is_eval else "train", shard), (path, ids)
@@ -237,6 +239,19 @@ def _report(counts: dict, reasons: dict, tokens: int, config: TextIngestConfig) 
     return report
 
 
+def eval_files(files: list[str], fraction: float) -> frozenset:
+    """The documents held out: by a hash of their path below the files' common folder (the same split
+    wherever the corpus lies), at least one when there are two or more and `fraction` > 0."""
+    if not fraction or not files:
+        return frozenset()
+    root = os.path.commonpath([os.path.dirname(f) for f in files]) if "://" not in files[0] else ""
+    key = {f: _hash(os.path.relpath(f, root) if root else f) for f in files}
+    held = {f for f in files if key[f] < fraction}
+    if not held and len(files) >= 2:
+        held = {min(files, key=key.get)}
+    return frozenset(held)
+
+
 def build_text_ingest(pipeline: beam.Pipeline, config: TextIngestConfig) -> dict:
     if not config.input:
         raise ConfigError("--input is required")
@@ -256,7 +271,8 @@ def build_text_ingest(pipeline: beam.Pipeline, config: TextIngestConfig) -> dict
         | "Spread" >> beam.Reshuffle()
         | "Read" >> beam.ParDo(_Read()).with_outputs(_Read.REJECTED, main="documents")
     )
-    tokenized = read.documents | "Tokenize" >> beam.ParDo(_Tokenize(model_path, config, eval_shards))
+    held = eval_files(files, config.eval_fraction)
+    tokenized = read.documents | "Tokenize" >> beam.ParDo(_Tokenize(model_path, config, eval_shards, held))
     rows = (
         tokenized
         | "ByShard" >> beam.GroupByKey()

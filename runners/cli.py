@@ -374,7 +374,7 @@ def _demo(argv: Sequence[str]) -> int:
 
 def _usage() -> str:
     lines = [
-        "usage: headrace {run,train,predict,stream,configs,demo,jars,stack} ...",
+        "usage: headrace {run,train,predict,generate,stream,configs,demo,jars,stack} ...",
         "",
         "headrace: Beam pipelines that turn raw data into sharded tf.data input, and DTensor trainers.",
         "",
@@ -382,6 +382,7 @@ def _usage() -> str:
         "  train MODEL      train a model on a DTensor mesh: " + ", ".join(sorted(commands.TRAINERS)),
         "  predict MODEL    run a trained model over a pipeline's output: "
         + ", ".join(sorted(commands.PREDICTORS)),
+        "  generate MODEL   generate from a trained model: " + ", ".join(sorted(commands.GENERATORS)),
         "  stream NAME      streaming CTR: " + ", ".join(sorted(commands.STREAMS)) + " (online training:"
         " train ctr --online)",
         "  configs          list / show registered configs",
@@ -402,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(_usage())
             return 0
         verb, rest = argv[0], argv[1:]
-        if verb in ("run", "train", "predict"):
+        if verb in ("run", "train", "predict", "generate"):
             if not rest or rest[0].startswith("-"):
                 if rest and rest[0] in ("-h", "--help"):
                     print(_usage())
@@ -412,6 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             if verb == "predict":
                 return _train(rest[0], rest[1:], commands.PREDICTORS)
+            if verb == "generate":
+                return _train(rest[0], rest[1:], commands.GENERATORS)
             return (_run if verb == "run" else _train)(rest[0], rest[1:])
         if verb == "stream":
             if not rest or rest[0].startswith("-"):
@@ -426,7 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if verb == "stack":
             return _stack(rest)
         raise ConfigError(
-            f"unknown command {verb!r} (commands: run, train, predict, stream, configs, demo, jars, stack)"
+            f"unknown command {verb!r} (commands: run, train, predict, generate, stream, configs, demo, jars, stack)"
         )
     except HeadraceError as exc:
         print(f"headrace: error: {exc}", file=sys.stderr)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-__all__ = ["PIPELINES", "PREDICTORS", "STREAMS", "TRAINERS", "Command", "load_all"]
+__all__ = ["GENERATORS", "PIPELINES", "PREDICTORS", "STREAMS", "TRAINERS", "Command", "load_all"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,14 @@ TRAINERS = {
         ),
         Command(
             "train",
+            "lm",
+            "headrace.runners.train_lm",
+            "train_and_evaluate",
+            "lm",
+            "decoder-only Transformer (talking-heads or multi-head) on text-ingest rows, data and model parallel",
+        ),
+        Command(
+            "train",
             "crowd-classifier",
             "headrace.runners.train_crowd_classifier",
             "train_and_evaluate",
@@ -132,6 +140,21 @@ PREDICTORS = {
 }
 
 
+GENERATORS = {
+    c.name: c
+    for c in [
+        Command(
+            "generate",
+            "lm",
+            "headrace.runners.generate_lm",
+            "generate",
+            "lm-generate",
+            "text from a trained lm, a token at a time with a key-value cache",
+        ),
+    ]
+}
+
+
 STREAMS = {
     c.name: c
     for c in [
@@ -157,5 +180,6 @@ STREAMS = {
 
 def load_all() -> None:
     """Imports every command module so that all configs are registered."""
-    for command in [*PIPELINES.values(), *TRAINERS.values(), *PREDICTORS.values(), *STREAMS.values()]:
+    tables = (PIPELINES, TRAINERS, PREDICTORS, GENERATORS, STREAMS)
+    for command in [c for table in tables for c in table.values()]:
         importlib.import_module(command.module)
