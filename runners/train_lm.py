@@ -113,9 +113,10 @@ class LMTask(loop.Task):
         )
 
     def _place(self, batch):
-        return tuple(
-            mesh_lib.shard_batch(self.mesh, batch[k]) for k in ("tokens", "segment_ids", "positions")
-        )
+        keys = ("tokens", "segment_ids", "positions")
+        if self.mesh is None:  # --mesh '': plain TensorFlow on one device
+            return tuple(tf.convert_to_tensor(batch[k]) for k in keys)
+        return tuple(mesh_lib.shard_batch(self.mesh, batch[k]) for k in keys)
 
     def place(self, batch, step: int):
         return self._place(batch)

@@ -60,6 +60,13 @@ def test_lm_trains_on_the_mesh_and_reports_perplexity(rows, tmp_path, attention)
     assert list((out / "tensorboard").glob("events.*"))
 
 
+def test_lm_trains_without_a_mesh(rows, tmp_path):
+    argv = ["train", "lm", "--data", str(rows), "--output", str(tmp_path / "m"), "--mesh", ""]
+    assert cli.main([*argv, *SMALL[:-2], "--steps", "5"]) == 0
+    m = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert m["steps"] == 5 and m["mesh"] == "" and "devices" not in m
+
+
 def test_heads_that_do_not_divide_the_model_dimension_are_refused(rows, tmp_path, capsys):
     argv = ["train", "lm", "--data", str(rows), "--output", str(tmp_path / "m"), "--mesh", "batch=4,model=2"]
     assert cli.main([*argv, "--heads", "3", "--d-model", "48", "--steps", "1"]) == 2
