@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import zstandard
 
-__all__ = ["CASES", "SAMPLE", "Case", "check"]
+__all__ = ["CASES", "SAMPLE", "Case", "check", "edit_dicom", "write_series"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +199,8 @@ MALFORMED_DICOM = [
 ]
 
 
-def _series(folder: Path, seed: int) -> list[str]:
+def write_series(folder: Path, seed: int = 0) -> list[str]:
+    """A small regular CT series (4 slices of 12 x 10), one file per slice in slice order."""
     from headrace.pipelines import ct_data
 
     hu = ct_data.phantom((4, 12, 10), seed=seed).hu
@@ -233,7 +234,7 @@ def _ct_case(name: str, damage: Callable[[Path], None], alone: bool = False) -> 
     def write(folder: Path) -> list[str]:
         folder.mkdir(parents=True)
         if not alone:
-            _series(folder / "good", seed=1)
+            write_series(folder / "good", seed=1)
         damage(folder / "hostile")
         return ["--input", str(folder), "--shards", "1"]
 
@@ -242,7 +243,7 @@ def _ct_case(name: str, damage: Callable[[Path], None], alone: bool = False) -> 
 
 def _malformed(keyword: str, value) -> Callable[[Path], None]:
     def damage(folder: Path) -> None:
-        files = _series(folder, seed=2)
+        files = write_series(folder, seed=2)
         edit_dicom(files[1], keyword, value)
 
     return damage
@@ -251,14 +252,14 @@ def _malformed(keyword: str, value) -> Callable[[Path], None]:
 def _short_pixels(folder: Path) -> None:
     import pydicom
 
-    files = _series(folder, seed=3)
+    files = write_series(folder, seed=3)
     ds = pydicom.dcmread(files[2])
     ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
     ds.save_as(files[2], enforce_file_format=True)
 
 
 def _truncated_dicom(folder: Path) -> None:
-    files = _series(folder, seed=4)
+    files = write_series(folder, seed=4)
     data = Path(files[0]).read_bytes()
     Path(files[0]).write_bytes(data[: len(data) // 3])
 
@@ -290,7 +291,7 @@ def _nifti_zero_spacing(folder: Path) -> None:
 
 
 def _duplicated_series(folder: Path) -> None:
-    files = _series(folder / "a", seed=7)
+    files = write_series(folder / "a", seed=7)
     (folder / "b").mkdir(parents=True)
     for f in files:
         shutil.copy(f, folder / "b" / Path(f).name)

@@ -17,33 +17,7 @@ from headrace.transforms.dicom import read_header
 from headrace.transforms.nifti import read_nifti
 from headrace.transforms.volume import GeometryError
 
-
-def _series(folder: Path, seed: int = 0) -> list[str]:
-    hu = ct_data.phantom((4, 12, 10), seed=seed).hu
-    return ct_data.write_dicom_series(folder, hu, seed=seed, shuffle_names=False)[1]
-
-
-def _edit(path: str, keyword: str, value) -> None:
-    import pydicom
-    from pydicom import config
-
-    ds = pydicom.dcmread(path)
-    if value is None:
-        del ds[keyword]
-    else:
-        mode = config.settings.writing_validation_mode
-        config.settings.writing_validation_mode = config.IGNORE  # write the bad value as a scanner might
-        try:
-            if value == "abc":  # not a decimal string at all: pydicom cannot even hold it as DS
-                from pydicom.dataelem import DataElement
-
-                ds[ds.data_element(keyword).tag] = DataElement(ds.data_element(keyword).tag, "LO", value)
-            else:
-                setattr(ds, keyword, value)
-        finally:
-            config.settings.writing_validation_mode = mode
-    ds.save_as(path, enforce_file_format=True)
-
+from ..fuzz.corpus import edit_dicom, write_series
 
 MALFORMED = [
     ("ImagePositionPatient", [1.0, 2.0], "ImagePositionPatient (0020,0032) has 2 value(s)"),
@@ -70,8 +44,8 @@ MALFORMED = [
 
 @pytest.mark.parametrize("keyword,value,message", MALFORMED, ids=[f"{k}-{v}" for k, v, _ in MALFORMED])
 def test_each_malformed_header_attribute_is_named(tmp_path, keyword, value, message):
-    path = _series(tmp_path)[0]
-    _edit(path, keyword, value)
+    path = write_series(tmp_path)[0]
+    edit_dicom(path, keyword, value)
     with pytest.raises(GeometryError, match=message.replace("(", r"\(").replace(")", r"\)")):
         read_header(path)
 
@@ -108,10 +82,10 @@ def test_broken_nifti_is_rejected_with_a_reason(tmp_path):
 
 def test_one_bad_file_rejects_its_series_only_and_nothing_bad_is_written(tmp_path):
     root = tmp_path / "in"
-    good = _series(root / "good", seed=1)
-    bad_position = _series(root / "bad_position", seed=2)
-    _edit(bad_position[1], "ImagePositionPatient", [1.0, 2.0])
-    short = _series(root / "short_pixels", seed=3)
+    good = write_series(root / "good", seed=1)
+    bad_position = write_series(root / "bad_position", seed=2)
+    edit_dicom(bad_position[1], "ImagePositionPatient", [1.0, 2.0])
+    short = write_series(root / "short_pixels", seed=3)
     import pydicom
 
     ds = pydicom.dcmread(short[2])
