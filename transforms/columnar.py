@@ -79,20 +79,34 @@ def read_header(path: str) -> tuple[str | None, str | None]:
     return first[1], None
 
 
+def _header_fields(first: str, delimiter: str) -> list[str]:
+    return [h.strip().strip('"') for h in first.split(delimiter)]
+
+
+def _missing(first: str, columns: Sequence[str], delimiter: str) -> list[str]:
+    header = _header_fields(first, delimiter)
+    return [c for c in columns if c not in header]
+
+
+def _lacks(
+    path: str, first: str, missing, columns: Sequence[str], *, flag: str, delimiter: str
+) -> InputError:
+    return InputError(
+        f"{flag} {path}: header {first!r} lacks column(s) {', '.join(missing)} "
+        f"(expected {delimiter.join(columns)})"
+    )
+
+
 def check_header(path: str, columns: Sequence[str], *, flag: str, delimiter: str = ",") -> list[str]:
     """The header of `path`; raises InputError naming the file if it has none or lacks a column."""
     first, why = read_header(path)
     if first is None:
         expected = f" (expected a header line {delimiter.join(columns)})" if why == "empty file" else ""
         raise InputError(f"{flag} {path}: {why}{expected}")
-    header = [h.strip().strip('"') for h in first.split(delimiter)]
-    missing = [c for c in columns if c not in header]
+    missing = _missing(first, columns, delimiter)
     if missing:
-        raise InputError(
-            f"{flag} {path}: header {first!r} lacks column(s) {', '.join(missing)} "
-            f"(expected {delimiter.join(columns)})"
-        )
-    return header
+        raise _lacks(path, first, missing, columns, flag=flag, delimiter=delimiter)
+    return _header_fields(first, delimiter)
 
 
 def first_header(file_pattern: str, columns: Sequence[str], *, flag: str, delimiter: str = ",") -> list[str]:
@@ -286,11 +300,11 @@ class ReadCsvBatches(beam.PTransform):
         # A file with no text to use (empty, binary, undecodable) is rejected whole when it is read,
         # and the run goes on; only a run with no usable file at all, or a text file that lacks a
         # column (a schema mistake, not damage), stops here.
-        usable, why = [], {}
-        for path in self.files:
+        usable, why = {}, {}  # path -> its header line; path -> why it has none
+        for path in self.files:  # each file's first line is read once, here
             first, why[path] = read_header(path)
             if first is not None:
-                usable.append(path)
+                usable[path] = first
         if not usable:
             path = self.files[0]
             expected = f" (expected a header line {delimiter.join(columns)})" if header else ""
@@ -300,15 +314,10 @@ class ReadCsvBatches(beam.PTransform):
         self.wrong: dict[str, tuple[str, str]] = {}
         if header:
             errors = []
-            for path in usable:
-                try:
-                    check_header(path, columns, flag=flag, delimiter=delimiter)
-                except InputError as exc:
-                    errors.append(exc)
-                    first = read_header(path)[0] or ""
-                    missing = [
-                        c for c in columns if c not in [h.strip().strip('"') for h in first.split(delimiter)]
-                    ]
+            for path, first in usable.items():
+                missing = _missing(first, columns, delimiter)
+                if missing:
+                    errors.append(_lacks(path, first, missing, columns, flag=flag, delimiter=delimiter))
                     self.wrong[path] = (f"wrong header (lacks column(s) {', '.join(missing)})", first)
             if len(errors) == len(usable):
                 raise errors[0]
