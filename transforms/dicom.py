@@ -72,11 +72,14 @@ def _attribute(ds, keyword: str, count: int | None, *, required: bool = True, de
         raw = ds.get(keyword)
     except Exception as exc:
         raise GeometryError(f"{keyword} {tag} is not parsable ({exc})", "bad_attribute") from None
-    if raw is None or raw == "" or (isinstance(raw, (list, tuple)) and len(raw) == 0):
+    from pydicom.multival import MultiValue
+
+    many = isinstance(raw, (list, tuple, MultiValue))
+    if raw is None or raw == "" or (many and len(raw) == 0):
         if required:
             raise GeometryError(f"missing {keyword} {tag}", "missing_attribute")
         return default
-    values = list(raw) if isinstance(raw, (list, tuple)) or type(raw).__name__ == "MultiValue" else [raw]
+    values = list(raw) if many else [raw]
     want = 1 if count is None else count
     if len(values) != want:
         raise GeometryError(
@@ -144,14 +147,17 @@ def read_header(path: str) -> tuple[str, SliceHeader]:
     for keyword, value in (("Rows", rows), ("Columns", columns)):
         if value != int(value) or not 1 <= value <= 65535:
             raise GeometryError(f"{keyword} {_TAGS[keyword]} is {value}, expected 1..65535", "bad_attribute")
-    for keyword, allowed in (("BitsAllocated", (8, 16, 32)), ("SamplesPerPixel", (1,))):
-        value = _attribute(ds, keyword, None, required=False, default=allowed[0])
+    allocated = _attribute(ds, "BitsAllocated", None, required=False, default=16.0)
+    samples = _attribute(ds, "SamplesPerPixel", None, required=False, default=1.0)
+    for keyword, value, allowed in (
+        ("BitsAllocated", allocated, (8, 16, 32)),
+        ("SamplesPerPixel", samples, (1,)),
+    ):
         if value not in allowed:
             raise GeometryError(
                 f"{keyword} {_TAGS[keyword]} is {value:g}, expected {' or '.join(map(str, allowed))}",
                 "bad_attribute",
             )
-    allocated = _attribute(ds, "BitsAllocated", None, required=False, default=16.0)
     stored = _attribute(ds, "BitsStored", None, required=False, default=allocated)
     if not 1 <= stored <= allocated:
         raise GeometryError(

@@ -102,35 +102,35 @@ def _check_grid(img, path: str) -> None:
         raise GeometryError(f"{path}: the affine {axes.tolist()} is singular or not finite", "bad_spacing")
 
 
-def read_nifti(image_path: str, label_path: str | None, *, as_label: bool = False):
-    """``(volume float32, label uint8 or None, spacing)`` on the [D, H, W] axes (`as_label`: the image
-    itself is a label map, returned as ``(None, label, spacing)``)."""
+def _load(path: str):
+    """The nibabel image of `path`, its stated voxel sizes checked first (before nibabel replaces zero
+    and negative ones); GeometryError when it is not a readable NIfTI file."""
     import nibabel as nib
 
-    def load(path):
-        try:
-            raw = _raw_pixdim(path)
-        except Exception as exc:
-            raise GeometryError(
-                f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})", "unreadable"
-            ) from None
-        if not (np.isfinite(raw).all() and (raw > 0).all()):
-            raise GeometryError(
-                f"{path}: voxel size (pixdim) {raw.tolist()} must be positive and finite", "bad_spacing"
-            )
-        try:
-            return nib.load(_local_copy(path))
-        except Exception as exc:
-            raise GeometryError(
-                f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})", "unreadable"
-            ) from None
+    try:
+        raw = _raw_pixdim(path)
+    except Exception as exc:
+        raise GeometryError(
+            f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})", "unreadable"
+        ) from None
+    if not (np.isfinite(raw).all() and (raw > 0).all()):
+        raise GeometryError(
+            f"{path}: voxel size (pixdim) {raw.tolist()} must be positive and finite", "bad_spacing"
+        )
+    try:
+        img = nib.load(_local_copy(path))
+    except Exception as exc:
+        raise GeometryError(
+            f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})", "unreadable"
+        ) from None
+    _check_grid(img, path)
+    return img
 
-    img = load(image_path)
-    _check_grid(img, image_path)
+
+def read_nifti(image_path: str, label_path: str | None):
+    """``(volume float32, label uint8 or None, spacing)`` on the [D, H, W] axes."""
+    img = _load(image_path)
     directions, spacing = _nifti_grid(img)
-    if as_label:
-        label, out_spacing = _nifti_array(img, image_path, directions, spacing, label=True)
-        return None, label, out_spacing
     volume, out_spacing = _nifti_array(img, image_path, directions, spacing, label=False)
     finite = np.isfinite(volume)
     if not finite.all():
@@ -142,8 +142,7 @@ def read_nifti(image_path: str, label_path: str | None, *, as_label: bool = Fals
         )
     label = None
     if label_path is not None:
-        lab = load(label_path)
-        _check_grid(lab, label_path)
+        lab = _load(label_path)
         if lab.shape[:3] != img.shape[:3]:
             raise GeometryError(
                 f"{label_path}: label shape {lab.shape} differs from image shape {img.shape}",
@@ -183,10 +182,9 @@ def read_label_on(label_path: str, shape, corners: np.ndarray, tolerance_mm: flo
     """A NIfTI label map on a volume's [D, H, W] grid (`shape`, `corners` from `grid_corners` in LPS);
     GeometryError when the label's grid is another one (shape, or corners off by more than
     `tolerance_mm`)."""
-    import nibabel as nib
-
-    _, label, _ = read_nifti(label_path, None, as_label=True)
-    lab = nib.load(_local_copy(label_path))
+    lab = _load(label_path)
+    directions, spacing = _nifti_grid(lab)
+    label, _ = _nifti_array(lab, label_path, directions, spacing, label=True)
     lps_axes = (_RAS_TO_LPS @ lab.affine[:3, :3]).T
     theirs = grid_corners(_RAS_TO_LPS @ lab.affine[:3, 3], lps_axes, lab.shape[:3])
     if tuple(label.shape) != tuple(shape):
