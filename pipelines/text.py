@@ -37,12 +37,13 @@ from headrace.transforms.io import Rejected, WriteJson, WriteJsonLines, match_fi
 from headrace.transforms.textfiles import TextReader
 from headrace.transforms.tfrecord import Feature, FeatureSpec, WriteSpec, WriteTFRecordShards, output_dataset
 
-__all__ = ["TEXT_SPEC", "TextIngestConfig", "build_text_ingest", "dataset", "pack", "read_document"]
+__all__ = ["TextIngestConfig", "build_text_ingest", "dataset", "pack", "read_document", "text_spec"]
 
 TOKENIZER = "tokenizer.model"
 
 
 def text_spec(seq_len: int) -> FeatureSpec:
+    """The packed-row record type for rows of `seq_len` tokens (the length goes into spec.json)."""
     return FeatureSpec(
         "packed_text",
         {
@@ -55,9 +56,6 @@ def text_spec(seq_len: int) -> FeatureSpec:
             "positions": Feature("int64", (seq_len,), description="position of the token in its document"),
         },
     )
-
-
-TEXT_SPEC = text_spec(128)
 
 
 def dataset(out: str, split: str, batch_size: int, **kwargs):

@@ -34,7 +34,6 @@ class GenerateConfig:
     max_tokens: int = 64
     temperature: float = 0.8
     seed: int = 0
-    output: str = dataclasses.field(default="-", metadata={"help": "unused: text goes to stdout"})
 
 
 @config_lib.register("lm-generate", command="generate lm")
