@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 
 from headrace.core.errors import InputError
+from headrace.transforms.columnar import CsvBatch, iter_csv_batches
 from headrace.transforms.nifti import nifti_stem
 
 __all__ = ["LabelPairs", "file_id", "manifest_line", "read_label_pairs", "unused_labels"]
@@ -50,8 +51,6 @@ def read_label_pairs(path: str | None, root: str, files: Sequence[str]) -> Label
     """``--labels`` checked when the pipeline is built: every image and label exists under --input."""
     if not path:
         return LabelPairs()
-    from headrace.transforms.columnar import CsvBatch, iter_csv_batches
-
     inputs = set(files)
     pairs = LabelPairs()
     for item in iter_csv_batches(path, ["image", "label"]):
