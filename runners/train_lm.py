@@ -143,9 +143,14 @@ class LMTask(loop.Task):
 
     def metrics(self, result: loop.FitResult) -> dict:
         c = self.model_config
+        # The steady rate: a step's tokens over the median step time, the first step (tracing) left out.
+        steady = result.step_seconds[1:] or result.step_seconds
+        step_tokens = self.config.batch_size * c.max_len * self.fill
         return {
             "attention": c.attention,
             "tokens_per_sec": result.examples_per_sec * c.max_len * self.fill,
+            "step_seconds_median": float(np.median(steady)) if steady else None,
+            "steady_tokens_per_sec": step_tokens / float(np.median(steady)) if steady else None,
             "parameters": int(sum(np.prod(w.shape) for w in self.model.weights)),
             "model": dataclasses.asdict(c),
         }
