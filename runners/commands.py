@@ -62,6 +62,14 @@ PIPELINES = {
         ),
         Command(
             "run",
+            "image-ingest",
+            "headrace.pipelines.images",
+            "build_image_ingest",
+            "image-ingest",
+            "class folders of images -> sharded TFRecords of JPEG bytes, labels, sizes, a sample grid",
+        ),
+        Command(
+            "run",
             "ctr-ingest",
             "headrace.pipelines.ctr",
             "build_ctr_ingest",
