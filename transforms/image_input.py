@@ -66,7 +66,7 @@ def _parse(spec: FeatureSpec):
     return parse
 
 
-def _train_crop(jpeg, image_size: int, seed, area_range, aspect_ratio_range):
+def _train_crop(jpeg, image_size: int, seed, area_range, aspect_ratio_range, flip: bool = True):
     """The sampled crop, decoded alone, resized, flipped at random (uint8)."""
     tf = _tf()
     shape = tf.image.extract_jpeg_shape(jpeg)
@@ -83,15 +83,16 @@ def _train_crop(jpeg, image_size: int, seed, area_range, aspect_ratio_range):
     window = tf.stack([begin[0], begin[1], size[0], size[1]])
     image = tf.image.decode_and_crop_jpeg(jpeg, window, channels=3)
     image = tf.image.resize(image, [image_size, image_size], method="bilinear")
-    image = tf.image.stateless_random_flip_left_right(image, seed=seed[::-1])
+    if flip:
+        image = tf.image.stateless_random_flip_left_right(image, seed=seed[::-1])
     return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
 
 
-def _center_crop(jpeg, image_size: int):
+def _center_crop(jpeg, image_size: int, padding: int = CROP_PADDING):
     tf = _tf()
     shape = tf.image.extract_jpeg_shape(jpeg)
     h, w = shape[0], shape[1]
-    side = tf.cast(image_size / (image_size + CROP_PADDING) * tf.cast(tf.minimum(h, w), tf.float32), tf.int32)
+    side = tf.cast(image_size / (image_size + padding) * tf.cast(tf.minimum(h, w), tf.float32), tf.int32)
     side = tf.maximum(side, 1)
     window = tf.stack([(h - side + 1) // 2, (w - side + 1) // 2, side, side])
     image = tf.image.decode_and_crop_jpeg(jpeg, window, channels=3)
@@ -129,12 +130,16 @@ def image_dataset(
     private_threads: int | None = None,
     area_range: Sequence[float] = (0.08, 1.0),
     aspect_ratio_range: Sequence[float] = (3 / 4, 4 / 3),
+    flip: bool = True,
+    crop_padding: int = CROP_PADDING,
     drop_remainder: bool | None = None,
 ):
     """Batches ``{"image": [B, S, S, 3] dtype, normalised; "label": [B] int32}`` of ``OUT/{split}``.
 
     `training` (default: split == "train") picks the augmented, shuffled, repeated, order-free path;
     otherwise the central crops in a fixed order, once (cached after decoding when `cache_eval`).
+    Eval keeps the central ``image_size / (image_size + crop_padding)`` of the shorter side (0: all of
+    it, for images already framed, like digits); `flip` off for images a mirror changes.
     """
     tf = _tf()
     training = split == "train" if training is None else training
@@ -169,7 +174,7 @@ def image_dataset(
         def train_map(visit, index, serialized):
             record = parse(serialized)
             key = tf.stack([base + visit, index])
-            image = _train_crop(record["image"], image_size, key, area_range, aspect_ratio_range)
+            image = _train_crop(record["image"], image_size, key, area_range, aspect_ratio_range, flip)
             return {"image": image, "label": record["label"]}
 
         ds = ds.map(train_map, num_parallel_calls=autotune, deterministic=False)
@@ -184,7 +189,8 @@ def image_dataset(
 
         def eval_map(serialized):
             record = parse(serialized)
-            return {"image": _center_crop(record["image"], image_size), "label": record["label"]}
+            image = _center_crop(record["image"], image_size, crop_padding)
+            return {"image": image, "label": record["label"]}
 
         ds = ds.map(eval_map, num_parallel_calls=autotune, deterministic=True)
         if cache_eval:

@@ -62,6 +62,19 @@ def test_eval_is_the_central_crop_of_the_whole_decoded_jpeg(shards):
         assert np.abs(image - expected).max() <= 24
 
 
+def test_eval_without_crop_padding_is_the_whole_image_resized(shards):
+    records = _records(shards, "eval")
+    (batch,) = image_dataset(str(shards), "eval", len(records), image_size=SIZE, crop_padding=0).take(1)
+    for image, r in zip(_pixels(batch), records):
+        whole = tf.io.decode_jpeg(r["image"].item(), channels=3)
+        if int(r["height"]) != int(r["width"]):
+            side = min(int(r["height"]), int(r["width"]))
+            top, left = (int(r["height"]) - side + 1) // 2, (int(r["width"]) - side + 1) // 2
+            whole = whole[top : top + side, left : left + side]
+        expected = tf.round(tf.image.resize(whole, [SIZE, SIZE])).numpy()
+        assert np.abs(image - expected).mean() < 1.0
+
+
 def test_the_cached_eval_set_repeats_exactly_and_bfloat16_is_offered(shards):
     ds = image_dataset(str(shards), "eval", 4, image_size=SIZE)
     first = [b["image"].numpy() for b in ds]
