@@ -1,4 +1,5 @@
-"""Optimisers for plain variables and DVariables: Adam, and lazy Adam on the rows a batch touched.
+"""Optimisers for plain variables and DVariables: Adam, lazy Adam on the rows a batch touched, and
+momentum SGD or LARS (`Momentum`, for ResNet).
 
 `Adam` keeps its slots in the layout of the variable they belong to, so a model-parallel weight has
 model-parallel moments and the update needs no communication. Keras optimisers are not used: Keras 3 has
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
-__all__ = ["Adam", "adam_rows", "layout_of", "zeros_like"]
+__all__ = ["Adam", "Momentum", "adam_rows", "layout_of", "zeros_like"]
 
 
 def layout_of(value):
@@ -127,3 +128,54 @@ def adam_rows(value, m, v, grad, *, learning_rate, step, beta1=0.9, beta2=0.999,
     m = beta1 * m + (1.0 - beta1) * grad
     v = beta2 * v + (1.0 - beta2) * tf.square(grad)
     return value - learning_rate * correction * m / (tf.sqrt(v) + epsilon), m, v
+
+
+class Momentum(tf.Module):
+    """Momentum SGD, or LARS (You, Gitman and Ginsburg 2017) with ``lars_eta``, for plain variables or
+    DVariables. Weight decay is coupled (added to the gradient) and applies where `decay_mask` is True
+    (kernels; not batch-norm scales, offsets or biases):
+
+        SGD:   v = m v + (g + wd w)                     w -= lr v
+        LARS:  trust = eta ||w|| / (||g|| + wd ||w||)  (1 for undecayed weights, or a zero norm)
+               v = m v + lr trust (g + wd w)            w -= v
+    """
+
+    def __init__(
+        self,
+        variables: Sequence[tf.Variable],
+        *,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        decay_mask: Sequence[bool] | None = None,
+        lars_eta: float | None = None,
+        name: str = "momentum",
+    ):
+        super().__init__(name=name)
+        self.momentum, self.weight_decay, self.lars_eta = momentum, weight_decay, lars_eta
+        self.decay_mask = list(decay_mask) if decay_mask is not None else [True] * len(variables)
+        self.iterations = _scalar_variable(0, variables[0], tf.int64, "iterations")
+        self.velocity = [zeros_like(v, name=f"velocity_{i}") for i, v in enumerate(variables)]
+
+    def apply(self, grads: Sequence, variables: Sequence[tf.Variable], learning_rate) -> None:
+        # Reads before writes, as in `Adam.apply` (a DTensor read-after-assign drops the assign).
+        writes = [(self.iterations, self.iterations + 1)]
+        for g, var, vel, decay in zip(grads, variables, self.velocity, self.decay_mask):
+            if g is None:
+                continue
+            wd = self.weight_decay if decay else 0.0
+            step = g + wd * var if wd else g
+            if self.lars_eta is None:
+                new_vel = self.momentum * vel + step
+                new_var = var - learning_rate * new_vel
+            else:
+                if decay:
+                    w_norm, g_norm = tf.norm(var), tf.norm(g)
+                    trust = self.lars_eta * w_norm / (g_norm + wd * w_norm)
+                    trust = tf.where((w_norm > 0) & (g_norm > 0), trust, tf.ones_like(trust))
+                else:
+                    trust = 1.0
+                new_vel = self.momentum * vel + learning_rate * trust * step
+                new_var = var - new_vel
+            writes += [(vel, new_vel), (var, new_var)]
+        for target, value in writes:
+            target.assign(_like(value, target))

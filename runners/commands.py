@@ -108,6 +108,14 @@ TRAINERS = {
         ),
         Command(
             "train",
+            "resnet",
+            "headrace.runners.train_resnet",
+            "train_and_evaluate",
+            "resnet",
+            "ResNet v1.5 on image-ingest shards, data parallel, batch norm over groups of replicas",
+        ),
+        Command(
+            "train",
             "crowd-classifier",
             "headrace.runners.train_crowd_classifier",
             "train_and_evaluate",
