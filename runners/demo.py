@@ -39,6 +39,8 @@ class Sizes:
     ct_depth: int = 48
     ct_side: int = 96
     unet_steps: int = 60
+    resnet_epochs: int = 6
+    resnet_width: int = 32
 
 
 FULL = Sizes()
@@ -52,6 +54,8 @@ SMALL = Sizes(
     ct_depth=24,
     ct_side=48,
     unet_steps=8,
+    resnet_epochs=1,
+    resnet_width=8,
 )
 
 
@@ -248,6 +252,42 @@ def _unet3d(workdir: Path, sizes: Sizes) -> tuple[str, str]:
     )
 
 
+def _image_ingest(workdir: Path, sizes: Sizes) -> tuple[str, str]:
+    from headrace.pipelines.images import ImageIngestConfig, build_image_ingest
+    from headrace.pipelines.images_data import write_digits
+    from headrace.runners.beam_runner import run_pipeline
+
+    write_digits(workdir / "digits-png")
+    config = ImageIngestConfig(input=str(workdir / "digits-png"), output=str(workdir / "digits"))
+    result = run_pipeline(build_image_ingest, config)
+    r = json.loads((result.output / "report.json").read_text())
+    return (
+        "run image-ingest (FnApiRunner)",
+        f"scikit-learn's digits: {r['files']} PNGs = {r['train']} train + {r['eval']} eval + "
+        f"{r['rejected']} rejected, {r['classes']} classes as JPEG; samples in digits/samples.png",
+    )
+
+
+def _resnet(workdir: Path, sizes: Sizes) -> tuple[str, str]:
+    from headrace.runners.train_resnet import resnet_digits, train_and_evaluate
+
+    config = dataclasses.replace(
+        resnet_digits(),
+        data=str(workdir / "digits"),
+        output=str(workdir / "resnet"),
+        mesh="batch=8",
+        bn_group_size=2,
+        width=sizes.resnet_width,
+        epochs=sizes.resnet_epochs,
+    )
+    m = train_and_evaluate(config)
+    return (
+        "train resnet-18 (batch=8, BN groups of 2)",
+        f"digits eval top-1 {m['top1']:.3f} after {m['steps']} steps, {m['images_per_sec']:,.0f} images/s "
+        f"({m['input_wait_seconds_per_step'] * 1000:.0f} ms input wait per step); curves.png, augmented.png",
+    )
+
+
 STAGES: list[tuple[str, Callable[[Path, Sizes], tuple[str, str]]]] = [
     ("example", _example),
     ("mlp", _mlp),
@@ -257,6 +297,8 @@ STAGES: list[tuple[str, Callable[[Path, Sizes], tuple[str, str]]]] = [
     ("ctr-train", _ctr_train),
     ("ct-ingest", _ct_ingest),
     ("unet3d", _unet3d),
+    ("image-ingest", _image_ingest),
+    ("resnet", _resnet),
 ]
 
 

@@ -15,6 +15,10 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert "run ctr-ingest" in out and "train ctr deepfm" in out
     assert "run ct-ingest" in out and "labelled" in out
     assert "train unet3d" in out and "Dice" in out
+    assert "run image-ingest" in out and "train resnet-18" in out and "top-1" in out
+    assert (tmp_path / "demo" / "resnet" / "augmented.png").is_file() and (
+        tmp_path / "demo" / "resnet" / "curves.png"
+    ).is_file()
 
 
 def test_workdir_it_did_not_make_is_refused_unless_overwrite(tmp_path, capsys):
