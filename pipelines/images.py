@@ -4,7 +4,8 @@
 
     (driver) list DIR/<class>/**/* -> classes.json (class name -> label, sorted names)
     Decode (Pillow: EXIF orientation, CMYK / grey / palette -> RGB; -> rejected) -> by split ->
-        WriteTFRecordShards(train / eval) ; samples.png (a row of images per class) ; report.json
+        WriteTFRecordShards(train / eval) ; samples.png (a row of images per class) ; report.json ;
+        manifest.jsonl (every file once: its split or "rejected", label, size, re-encoded, reason)
 
 An image is any file Pillow decodes (JPEG, PNG, GIF, BMP, TIFF, WebP, ...). A JPEG that is already RGB,
 upright and no larger than ``--max-side`` keeps its bytes; every other image is decoded, turned upright
@@ -38,6 +39,7 @@ __all__ = ["CLASSES", "IMAGE_SPEC", "ImageIngestConfig", "build_image_ingest", "
 
 CLASSES = "classes.json"
 SAMPLES = "samples.png"
+MANIFEST = "manifest.jsonl"
 
 IMAGE_SPEC = FeatureSpec(
     "image",
@@ -163,6 +165,7 @@ class _Decode(beam.DoFn):
     """(path, rel, class) -> a record tagged train or eval, or a `Rejected`."""
 
     REJECTED = "rejected"
+    MANIFEST = "manifest"
 
     def __init__(self, config: ImageIngestConfig, labels: dict[str, int]):
         self._config, self._labels = config, labels
@@ -184,6 +187,11 @@ class _Decode(beam.DoFn):
         split = "eval" if _hash(rel) < self._config.eval_fraction else "train"
         record = {"image": jpeg, "label": self._labels[name], "height": height, "width": width, "source": rel}
         yield beam.pvalue.TaggedOutput(split, record)
+        yield beam.pvalue.TaggedOutput(
+            self.MANIFEST,
+            {"source": rel, "status": split, "label": record["label"], "height": height, "width": width,
+             "reencoded": reencoded, "reason": ""},
+        )  # fmt: skip
 
 
 def _write_samples(samples: list[tuple[int, str]], path: str, classes: list[str], per_class: int) -> None:
@@ -215,6 +223,18 @@ def _write_samples(samples: list[tuple[int, str]], path: str, classes: list[str]
     plt.close(fig)
     with FileSystems.create(path) as f:
         f.write(buf.getvalue())
+
+
+def _rejected_line(r: Rejected, root: str) -> dict:
+    rel = r.source[len(root) + 1 :] if r.source.startswith(root + "/") else r.source
+    return {"source": rel, "status": "rejected", "label": None, "height": None, "width": None,
+            "reencoded": None, "reason": r.reason}  # fmt: skip
+
+
+def _write_manifest(lines: list[dict], path: str) -> None:
+    with FileSystems.create(path) as f:
+        for line in sorted(lines, key=lambda r: r["source"]):
+            f.write((json.dumps(line) + "\n").encode())
 
 
 def _report(counts: dict, reasons: dict, per_class: dict, classes: list[str]) -> dict:
@@ -255,7 +275,10 @@ def build_image_ingest(pipeline: beam.Pipeline, config: ImageIngestConfig) -> di
         pipeline
         | "ListFiles" >> beam.Create(images)
         | "Spread" >> beam.Reshuffle()
-        | "Decode" >> beam.ParDo(_Decode(config, labels)).with_outputs(_Decode.REJECTED, "train", "eval")
+        | "Decode"
+        >> beam.ParDo(_Decode(config, labels)).with_outputs(
+            _Decode.REJECTED, _Decode.MANIFEST, "train", "eval"
+        )
     )
     outside_files = pipeline | "Outside" >> beam.Create(outside)
     rejected = (decoded.rejected, outside_files) | "AllRejected" >> beam.Flatten()
@@ -263,6 +286,12 @@ def build_image_ingest(pipeline: beam.Pipeline, config: ImageIngestConfig) -> di
     decoded.eval | "WriteEval" >> WriteTFRecordShards(IMAGE_SPEC, f"{out}/eval", eval_shards)
     pipeline | "WriteSpec" >> WriteSpec(out, {"train": IMAGE_SPEC, "eval": IMAGE_SPEC})
     rejected | "WriteRejected" >> WriteJsonLines(f"{out}/rejected/rejected")
+    (
+        (decoded.manifest, rejected | "RejectedLines" >> beam.Map(_rejected_line, root))
+        | "AllLines" >> beam.Flatten()
+        | "ManifestList" >> beam.combiners.ToList()
+        | "WriteManifest" >> beam.Map(_write_manifest, f"{out}/{MANIFEST}")
+    )
 
     records = (decoded.train, decoded.eval) | "AllRecords" >> beam.Flatten()
     per = config.samples_per_class

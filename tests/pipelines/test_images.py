@@ -122,6 +122,23 @@ def test_every_record_decodes_as_rgb_jpeg_to_the_size_it_carries(ingested):
     assert (records["people/large.jpg"]["height"], records["people/large.jpg"]["width"]) == (640, 549)
 
 
+def test_the_manifest_holds_every_file_once_with_its_outcome(ingested):
+    lines = [json.loads(x) for x in (ingested / "manifest.jsonl").read_text().splitlines()]
+    assert len(lines) == 25 and len({x["source"] for x in lines}) == 25
+    assert [x["source"] for x in lines] == sorted(x["source"] for x in lines)
+    records = _records(ingested)
+    by_source = {x["source"]: x for x in lines}
+    for source, r in records.items():
+        line = by_source[source]
+        assert (line["status"], line["label"], line["height"]) == (r["split"], r["label"], r["height"])
+    assert by_source["people/hopper.jpg"]["reencoded"] is False
+    assert by_source["people/large.jpg"]["reencoded"] is True
+    assert (
+        by_source["stray.jpg"]["status"] == "rejected" and "class folder" in by_source["stray.jpg"]["reason"]
+    )
+    assert sum(x["status"] == "rejected" for x in lines) == 5
+
+
 def test_orientation_colour_modes_and_alpha_are_normalised(ingested):
     records = _records(ingested)
     rotated = tf.io.decode_jpeg(records["logos/rotated.jpg"]["image"]).numpy().astype(int)
