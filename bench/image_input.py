@@ -13,6 +13,8 @@ median images/s and its ratio to the naive pipeline in the same run:
   tuned                the same with autotuned parallelism (every core), prefetch
   tuned, bfloat16      ... and bfloat16 batches
   eval (cached)        central crops, second pass over the cached decoded set
+  trainer              what the trainer consumes: a ResNet-50 training step (grouped batch norm,
+                       momentum SGD) on one device at the same size, images/s of its median step
 """
 
 from __future__ import annotations
@@ -48,6 +50,36 @@ def rate(make, batches: int) -> float:
     return n / (time.perf_counter() - start)
 
 
+def trainer_rate(out, size: int, depth: int, steps: int = 3) -> float:
+    """Images/s of the median ResNet training step (1 device) on batches of the tuned pipeline."""
+    import tensorflow as tf
+
+    from headrace.models.optim import Momentum
+    from headrace.models.resnet import ResNet, ResNetConfig
+    from headrace.transforms.image_input import image_dataset
+
+    model = ResNet(ResNetConfig(depth=depth, num_classes=10))
+    optimizer = Momentum(model.weights, weight_decay=1e-4, decay_mask=model.decay_mask())
+
+    @tf.function
+    def step(images, onehot, labels):
+        stats = []
+        with tf.GradientTape() as tape:
+            loss, _ = model.loss(images, onehot, labels, stats=stats)
+        optimizer.apply(tape.gradient(loss, model.weights), model.weights, 0.1)
+        model.update_moving_statistics(stats)
+        return loss
+
+    times = []
+    for i, batch in enumerate(image_dataset(str(out), "train", BATCH, image_size=size).take(steps + 1)):
+        placed = model.place(batch["image"].numpy(), batch["label"].numpy())
+        start = time.perf_counter()
+        float(step(*placed))
+        if i:
+            times.append(time.perf_counter() - start)
+    return BATCH / statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--per-class", type=int, default=60)
@@ -55,6 +87,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--trainer-depth", type=int, default=50)
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     from headrace.pipelines.images import ImageIngestConfig, build_image_ingest
@@ -104,7 +137,13 @@ def main() -> None:
         for name, values in rates.items():
             median = statistics.median(values)
             runs = ", ".join(f"{v:,.0f}" for v in values)
-            print(f"  {name:<18} {median:>10,.0f} {median / naive:>8.2f}x   {runs}")
+            print(f"  {name:<18} {median:>10,.1f} {median / naive:>8.2f}x   {runs}")
+        consumed = trainer_rate(out, size, args.trainer_depth)
+        tuned = statistics.median(rates["tuned"])
+        print(
+            f"  {'trainer':<18} {consumed:>10,.1f} {consumed / naive:>8.2f}x   ResNet-{args.trainer_depth}, 1 device"
+        )
+        print(f"  the tuned pipeline feeds {tuned / consumed:,.0f}x what the trainer consumes here")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
