@@ -12,7 +12,8 @@ of them cannot be faster here: the rows show what grouping costs, not a speed-up
 Then the gradient reduction (`headrace.core.collectives`): a ResNet-50-sized gradient (25,557,032
 floats) held per replica of an ``x=2,y=4`` mesh, summed at once (one all-reduce over 8) or in two
 stages (within rows of 4, then across the 2 rows; or columns first), median of 5, with the all-reduces
-the profiler's op trace shows DTensor ran for each (traced on 1,000 floats: the same collectives).
+the profiler's op trace shows DTensor ran for each (traced on 1,000 floats: the same collectives);
+then the collectives DTensor placed in the trainer's own step on ``batch=8``, from the same trace.
 """
 
 from __future__ import annotations
@@ -81,6 +82,46 @@ def main() -> None:
     if not args.skip_steps:
         steps_table(args, run)
     reduction_table()
+    trainer_collectives(config)
+
+
+def trainer_collectives(config) -> None:
+    """What DTensor runs in the trainer's step on batch=8, from the op trace (a width-8 copy of the
+    network on 64-pixel images: the same layers, so the same collectives, and a trace the profiler
+    keeps whole)."""
+    import dataclasses
+
+    import numpy as np
+    import tensorflow as tf
+
+    from headrace.core import mesh as mesh_lib
+    from headrace.core.collectives import count_collectives
+    from headrace.models.optim import Momentum
+    from headrace.models.resnet import ResNet
+
+    small = dataclasses.replace(config, width=8)
+    rng = np.random.default_rng(2)
+    images = rng.normal(size=(16, 64, 64, 3)).astype(np.float32)
+    labels = rng.integers(0, small.num_classes, size=16).astype(np.int32)
+    print(f"the trainer's step on batch=8 (ResNet-{small.depth}), collectives per device from the op trace:")
+    for group in (8, 2, 1):
+        model = ResNet(small, mesh_lib.create_mesh("batch=8"), bn_groups=8 // group)
+        optimizer = Momentum(model.weights, weight_decay=1e-4, decay_mask=model.decay_mask())
+
+        @tf.function
+        def step(images, onehot, labels, model=model, optimizer=optimizer):
+            stats = []
+            with tf.GradientTape() as tape:
+                loss, _ = model.loss(images, onehot, labels, stats=stats)
+            optimizer.apply(tape.gradient(loss, model.weights), model.weights, 0.1)
+            model.update_moving_statistics(stats)
+            return loss
+
+        trace = count_collectives(step, *model.place(images, labels), devices=8)
+        print(
+            f"  BN groups of {group}: {trace['per_device']} all-reduces per device per step "
+            f"({len(model.weights)} weight tensors, {len(model.batch_norms)} batch norms)"
+        )
 
 
 def reduction_table() -> None:
@@ -113,9 +154,9 @@ def reduction_table() -> None:
             times.append(time.perf_counter() - start)
         ms = statistics.median(times) * 1000
         base = base or ms
-        trace = count_collectives(fn, small)  # the same collectives on 1,000 floats, fully traced
+        trace = count_collectives(fn, small, devices=8)  # the same collectives on 1,000 floats
         err = float(np.abs(out - reference).max())
-        print(f"  {name:<30} {ms:>8.1f} {ms / base:>7.2f}x {trace['all_reduces']:>12} {err:>10.2e}")
+        print(f"  {name:<30} {ms:>8.1f} {ms / base:>7.2f}x {trace['per_device']:>12} {err:>10.2e}")
 
 
 def steps_table(args, run) -> None:

@@ -10,7 +10,7 @@ laid out ("x", "y", ...), and
   the mesh, then one across them.
 
 Both give the same sum (to float rounding, tested). `count_collectives` runs a function under
-TensorFlow's profiler and counts the collective kernels each device executed, which is how the tests
+TensorFlow's profiler and counts the collective kernels the devices executed, which is how the tests
 and ``bench/resnet.py`` show what DTensor ran, for these reductions and for the trainer's step.
 """
 
@@ -57,33 +57,41 @@ def reduce_two_stage(stacked, first: int = 1):
     return tf.reduce_sum(tf.reduce_sum(stacked, axis=first), axis=0)
 
 
-def count_collectives(fn: Callable, *args) -> dict[str, int]:
-    """Runs ``fn(*args)`` under the profiler (after a warm-up call) and counts the collective kernels
-    executed per call: ``collective_ops`` (every device's runs, summed) and ``all_reduces`` (the
-    distinct all-reduces DTensor's expansion placed in the function)."""
+def count_collectives(fn: Callable, *args, devices: int) -> dict[str, int]:
+    """Runs ``fn(*args)`` under the profiler (after a warm-up call, waiting for every result) and
+    counts the collective kernels executed per call: ``collective_ops`` (summed over the `devices`)
+    and ``per_device`` (collectives each device ran: all-reduces, gathers and all-to-alls)."""
     import tensorflow as tf
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-    fn(*args)  # tracing and SPMD expansion out of the trace
+    from headrace.core.mesh import to_numpy
+
+    def call():  # waits for the result: an unfinished step would be cut off by the trace's end
+        for t in tf.nest.flatten(fn(*args)):
+            to_numpy(t)
+
+    call()  # tracing and SPMD expansion out of the trace
     with tempfile.TemporaryDirectory(prefix="headrace-trace-") as logdir:
         tf.profiler.experimental.start(logdir)
         try:
             for _ in range(REPEATS):
-                fn(*args)
+                call()
         finally:
             tf.profiler.experimental.stop()
         (path,) = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
         space = xplane_pb2.XSpace()
         with open(path, "rb") as f:
             space.ParseFromString(f.read())
-    runs, reductions = 0, set()
+    kernels = named = 0
     for plane in space.planes:
         names = plane.event_metadata
         for line in plane.lines:
             for event in line.events:
                 name = names[event.metadata_id].name
-                if name == "CollectiveOpV2Kernel::Run":  # one per collective per device
-                    runs += 1
-                elif "DTensorAllReduceOp" in name:
-                    reductions.add(name.split("/DTensorAllReduceOp")[0])
-    return {"collective_ops": round(runs / REPEATS), "all_reduces": len(reductions)}
+                if name == "CollectiveOpV2Kernel::Run":
+                    kernels += 1
+                elif name.endswith((":CollectiveReduceV2", ":CollectiveGatherV2", ":CollectiveAllToAllV2")):
+                    named += 1
+    # Two records of each collective run; the profiler can drop a few events, so the larger count.
+    runs = round(max(kernels, named) / REPEATS)
+    return {"collective_ops": runs, "per_device": round(runs / devices)}
