@@ -85,6 +85,6 @@ def test_resnet18_reaches_95_percent_on_the_digits(digits, tmp_path):
     """The digits config (ResNet-18, width 32, 12 epochs at 32 pixels): about 5 minutes on 2 cores."""
     out = tmp_path / "m"
     argv = ["train", "resnet", "--config", "resnet-digits", "--data", str(digits), "--output", str(out)]
-    assert cli.main([*argv, "--mesh", "batch=8", "--export", "false"]) == 0
+    assert cli.main([*argv, "--mesh", "batch=8", "--no-export"]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["top1"] >= 0.95, m["top1"]
