@@ -41,6 +41,7 @@ class Sizes:
     unet_steps: int = 60
     resnet_epochs: int = 6
     resnet_width: int = 32
+    lm_steps: int = 150
 
 
 FULL = Sizes()
@@ -56,6 +57,7 @@ SMALL = Sizes(
     unet_steps=8,
     resnet_epochs=1,
     resnet_width=8,
+    lm_steps=10,
 )
 
 
@@ -288,6 +290,38 @@ def _resnet(workdir: Path, sizes: Sizes) -> tuple[str, str]:
     )
 
 
+def _lm(workdir: Path, sizes: Sizes) -> tuple[str, str]:
+    """Licence texts the installed packages ship -> packed rows -> a talking-heads Transformer -> text."""
+    import contextlib
+    import io
+    import sysconfig
+
+    from headrace.pipelines.text import TextIngestConfig, build_text_ingest
+    from headrace.runners.beam_runner import run_pipeline
+    from headrace.runners.generate_lm import GenerateConfig, generate
+    from headrace.runners.train_lm import LMTrainConfig, train_and_evaluate
+
+    site = sysconfig.get_paths()["purelib"]
+    config = TextIngestConfig(
+        input=f"{site}/*.dist-info/**LICEN*", output=str(workdir / "text"), vocab_size=512
+    )
+    result = run_pipeline(build_text_ingest, config)
+    r = json.loads((result.output / "report.json").read_text())
+    m = train_and_evaluate(
+        LMTrainConfig(data=str(result.output), output=str(workdir / "lm"), mesh=MESH, steps=sizes.lm_steps)
+    )
+    with contextlib.redirect_stdout(io.StringIO()):
+        g = generate(
+            GenerateConfig(model=str(workdir / "lm"), prompt="Permission is", max_tokens=16, temperature=0)
+        )
+    return (
+        "text-ingest + train lm (talking-heads, batch=4,model=2)",
+        f"{r['documents']} licence files, {r['tokens']:,} tokens; eval perplexity {m['perplexity']:.1f} "
+        f"after {m['steps']} steps, {m['tokens_per_sec']:,.0f} tokens/s; "
+        f"generate 'Permission is' -> {g['text'][:40]!r}",
+    )
+
+
 STAGES: list[tuple[str, Callable[[Path, Sizes], tuple[str, str]]]] = [
     ("example", _example),
     ("mlp", _mlp),
@@ -299,6 +333,7 @@ STAGES: list[tuple[str, Callable[[Path, Sizes], tuple[str, str]]]] = [
     ("unet3d", _unet3d),
     ("image-ingest", _image_ingest),
     ("resnet", _resnet),
+    ("lm", _lm),
 ]
 
 

@@ -16,6 +16,7 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert "run ct-ingest" in out and "labelled" in out
     assert "train unet3d" in out and "Dice" in out
     assert "run image-ingest" in out and "train resnet-18" in out and "top-1" in out
+    assert "text-ingest + train lm" in out and "licence files" in out and "perplexity" in out
     assert (tmp_path / "demo" / "resnet" / "augmented.png").is_file() and (
         tmp_path / "demo" / "resnet" / "curves.png"
     ).is_file()
