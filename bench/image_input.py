@@ -52,23 +52,15 @@ def rate(make, batches: int) -> float:
 
 def trainer_rate(out, size: int, depth: int, steps: int = 3) -> float:
     """Images/s of the median ResNet training step (1 device) on batches of the tuned pipeline."""
-    import tensorflow as tf
 
     from headrace.models.optim import Momentum
-    from headrace.models.resnet import ResNet, ResNetConfig
+    from headrace.models.resnet import ResNet, ResNetConfig, sgd_step
     from headrace.transforms.image_input import image_dataset
 
     model = ResNet(ResNetConfig(depth=depth, num_classes=10))
     optimizer = Momentum(model.weights, weight_decay=1e-4, decay_mask=model.decay_mask())
 
-    @tf.function
-    def step(images, onehot, labels):
-        stats = []
-        with tf.GradientTape() as tape:
-            loss, _ = model.loss(images, onehot, labels, stats=stats)
-        optimizer.apply(tape.gradient(loss, model.weights), model.weights, 0.1)
-        model.update_moving_statistics(stats)
-        return loss
+    step = sgd_step(model, optimizer, 0.1, label_smoothing=0.0)
 
     times = []
     for i, batch in enumerate(image_dataset(str(out), "train", BATCH, image_size=size).take(steps + 1)):

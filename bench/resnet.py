@@ -45,10 +45,9 @@ def main() -> None:
         os.environ["HEADRACE_DEVICE_TYPE"] = "CPU"
         mesh_lib.configure_virtual_devices(8)
     import numpy as np
-    import tensorflow as tf
 
     from headrace.models.optim import Momentum
-    from headrace.models.resnet import ResNet, ResNetConfig
+    from headrace.models.resnet import ResNet, ResNetConfig, sgd_step
 
     rng = np.random.default_rng(0)
     images = rng.normal(size=(args.batch, args.image_size, args.image_size, 3)).astype(np.float32)
@@ -61,14 +60,7 @@ def main() -> None:
         model = ResNet(config, mesh, bn_groups=groups)
         optimizer = Momentum(model.weights, weight_decay=1e-4, decay_mask=model.decay_mask())
 
-        @tf.function
-        def step(images, onehot, labels):
-            stats = []
-            with tf.GradientTape() as tape:
-                loss, _ = model.loss(images, onehot, labels, label_smoothing=0.1, stats=stats)
-            optimizer.apply(tape.gradient(loss, model.weights), model.weights, 0.1)
-            model.update_moving_statistics(stats)
-            return loss
+        step = sgd_step(model, optimizer, 0.1, label_smoothing=0.1)
 
         times = []
         for i in range(args.steps + 1):
@@ -92,12 +84,11 @@ def trainer_collectives(config) -> None:
     import dataclasses
 
     import numpy as np
-    import tensorflow as tf
 
     from headrace.core import mesh as mesh_lib
     from headrace.core.collectives import count_collectives
     from headrace.models.optim import Momentum
-    from headrace.models.resnet import ResNet
+    from headrace.models.resnet import ResNet, sgd_step
 
     small = dataclasses.replace(config, width=8)
     rng = np.random.default_rng(2)
@@ -108,14 +99,7 @@ def trainer_collectives(config) -> None:
         model = ResNet(small, mesh_lib.create_mesh("batch=8"), bn_groups=8 // group)
         optimizer = Momentum(model.weights, weight_decay=1e-4, decay_mask=model.decay_mask())
 
-        @tf.function
-        def step(images, onehot, labels, model=model, optimizer=optimizer):
-            stats = []
-            with tf.GradientTape() as tape:
-                loss, _ = model.loss(images, onehot, labels, stats=stats)
-            optimizer.apply(tape.gradient(loss, model.weights), model.weights, 0.1)
-            model.update_moving_statistics(stats)
-            return loss
+        step = sgd_step(model, optimizer, 0.1, label_smoothing=0.0)
 
         trace = count_collectives(step, *model.place(images, labels), devices=8)
         print(

@@ -34,7 +34,7 @@ import tensorflow as tf
 from headrace.core import mesh as mesh_lib
 from headrace.core.errors import ConfigError
 
-__all__ = ["BLOCKS", "ResNet", "ResNetConfig", "batch_norm", "group_onehot", "resnet_mesh"]
+__all__ = ["BLOCKS", "ResNet", "ResNetConfig", "batch_norm", "group_onehot", "resnet_mesh", "sgd_step"]
 
 # depth -> (block kind, blocks per stage)
 BLOCKS = {
@@ -272,3 +272,19 @@ class ResNet(tf.Module):
         for layer, mean, var in stats:
             layer["mean"].assign(m * layer["mean"] + (1 - m) * tf.reduce_mean(mean, axis=0))
             layer["variance"].assign(m * layer["variance"] + (1 - m) * tf.reduce_mean(var, axis=0))
+
+
+def sgd_step(model: ResNet, optimizer, learning_rate: float = 0.1, label_smoothing: float = 0.0):
+    """A compiled training step at a fixed rate, (images, onehot, labels) -> loss: the trainer's step
+    without its schedule and metrics (for benchmarks)."""
+
+    @tf.function
+    def step(images, onehot, labels):
+        stats = []
+        with tf.GradientTape() as tape:
+            loss, _ = model.loss(images, onehot, labels, label_smoothing=label_smoothing, stats=stats)
+        optimizer.apply(tape.gradient(loss, model.weights), model.weights, learning_rate)
+        model.update_moving_statistics(stats)
+        return loss
+
+    return step
