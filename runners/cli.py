@@ -156,6 +156,8 @@ def _resolve_config(command: commands.Command, argv: Sequence[str], *, allow_unk
         parser.add_argument(
             "--runner", default="FlinkRunner", help="a streaming runner (default FlinkRunner)"
         )
+    if command.verb == "retrain":
+        parser.add_argument("--runner", default=None, help="Beam runner of the ingest (default FnApiRunner)")
     if command.verb == "run":
         parser.add_argument(
             "--runner", default=None, help="FnApiRunner (default), FlinkRunner, DataflowRunner, ..."
@@ -289,6 +291,24 @@ def _stream(name: str, argv: Sequence[str]) -> int:
     return 0
 
 
+def _retrain(name: str, argv: Sequence[str]) -> int:
+    if name not in commands.RETRAINERS:
+        raise ConfigError(f"unknown retrain {name!r} (retrain: {', '.join(sorted(commands.RETRAINERS))})")
+    command = commands.RETRAINERS[name]
+    config, args, beam_args = _resolve_config(command, argv, allow_unknown=True)
+    _setup_logging(args.verbose)
+    _check_beam_args(beam_args, command.key)
+    train = getattr(config, "train", None)
+    if getattr(train, "mesh", ""):
+        from headrace.core import mesh as mesh_lib
+
+        mesh_lib.configure_virtual_devices(math.prod(size for _, size in mesh_lib.parse_mesh(train.mesh)))
+    import json
+
+    print(json.dumps(command.load()(config, args.runner, beam_args), indent=2, default=str))
+    return 0
+
+
 def _configs(argv: Sequence[str]) -> int:
     parser = _Parser(prog="headrace configs")
     sub = parser.add_subparsers(dest="action", required=True)
@@ -374,7 +394,7 @@ def _demo(argv: Sequence[str]) -> int:
 
 def _usage() -> str:
     lines = [
-        "usage: headrace {run,train,predict,generate,stream,configs,demo,jars,stack} ...",
+        "usage: headrace {run,train,predict,generate,export,stream,retrain,configs,demo,jars,stack} ...",
         "",
         "headrace: Beam pipelines that turn raw data into sharded tf.data input, and DTensor trainers.",
         "",
@@ -385,6 +405,8 @@ def _usage() -> str:
         "  generate MODEL   generate from a trained model: " + ", ".join(sorted(commands.GENERATORS)),
         "  stream NAME      streaming CTR: " + ", ".join(sorted(commands.STREAMS)) + " (online training:"
         " train ctr --online)",
+        "  retrain NAME     one scheduled day: ingest, warm-start, evaluate, gated promotion: "
+        + ", ".join(sorted(commands.RETRAINERS)),
         "  configs          list / show registered configs",
         "  demo             run every pipeline and trainer on small embedded data",
         "  jars             build / locate the Java jars (Flink job server with KafkaIO, Kafka broker)",
@@ -420,6 +442,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not rest or rest[0].startswith("-"):
                 raise ConfigError("headrace stream: missing the command (ctr-join, replay)")
             return _stream(rest[0], rest[1:])
+        if verb == "retrain":
+            if not rest or rest[0].startswith("-"):
+                raise ConfigError("headrace retrain: missing what to retrain (ctr)")
+            return _retrain(rest[0], rest[1:])
         if verb == "configs":
             return _configs(rest)
         if verb == "demo":
@@ -429,7 +455,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if verb == "stack":
             return _stack(rest)
         raise ConfigError(
-            f"unknown command {verb!r} (commands: run, train, predict, generate, stream, configs, demo, jars, stack)"
+            f"unknown command {verb!r} (commands: run, train, predict, generate, stream, retrain, configs, demo, "
+            "jars, stack)"
         )
     except HeadraceError as exc:
         print(f"headrace: error: {exc}", file=sys.stderr)

@@ -10,7 +10,16 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-__all__ = ["GENERATORS", "PIPELINES", "PREDICTORS", "STREAMS", "TRAINERS", "Command", "load_all"]
+__all__ = [
+    "GENERATORS",
+    "PIPELINES",
+    "PREDICTORS",
+    "RETRAINERS",
+    "STREAMS",
+    "TRAINERS",
+    "Command",
+    "load_all",
+]
 
 
 @dataclass(frozen=True)
@@ -194,8 +203,23 @@ STREAMS = {
 }
 
 
+RETRAINERS = {
+    c.name: c
+    for c in [
+        Command(
+            "retrain",
+            "ctr",
+            "headrace.runners.retrain",
+            "retrain_ctr",
+            "retrain-ctr",
+            "one day of CTR logs: ingest, warm-start from current, evaluate, promote if not worse",
+        ),
+    ]
+}
+
+
 def load_all() -> None:
     """Imports every command module so that all configs are registered."""
-    tables = (PIPELINES, TRAINERS, PREDICTORS, GENERATORS, STREAMS)
+    tables = (PIPELINES, TRAINERS, PREDICTORS, GENERATORS, STREAMS, RETRAINERS)
     for command in [c for table in tables for c in table.values()]:
         importlib.import_module(command.module)

@@ -136,6 +136,9 @@ class CTRTask(loop.Task):
         )
         self.ensemble = c.ensemble_size if (gated and c.feature_selection == "ensemble_gating") else 1
         self._steps_per_epoch = None
+        # The table's clock (last use of a row, expiry) is the step count over every run this model has
+        # had: a warm start continues it where the earlier model's training stopped.
+        self.clock_offset = 0
 
     # -- set-up -----------------------------------------------------------------------------------
 
@@ -188,6 +191,9 @@ class CTRTask(loop.Task):
         )
         self._rng = np.random.default_rng(c.seed + 7)
         self._prepare = tf.function(self._assign_rows, reduce_retracing=True)
+
+    def restored(self, fit: loop.Fit) -> None:
+        self.clock_offset = int(mesh_lib.to_numpy(self.step)) - fit.step
 
     def checkpoint_groups(self):
         mesh_items = {
@@ -267,7 +273,8 @@ class CTRTask(loop.Task):
     def place(self, batch, step: int):
         """(ids [B, 39], labels [B]) -> the step's inputs; `step` is the table's clock."""
         ids, labels = batch
-        u_rows, u_ids, fresh, counts, inv = self._prepare(ids, tf.constant(step, tf.int64))
+        clock = tf.constant(step + self.clock_offset, tf.int64)
+        u_rows, u_ids, fresh, counts, inv = self._prepare(ids, clock)
         if self.gated:
             B = int(labels.shape[0])
             u = self._rng.uniform(1e-6, 1 - 1e-6, size=(B, len(FIELDS)))
@@ -333,7 +340,7 @@ class CTRTask(loop.Task):
     def after_step(self, fit: loop.Fit, batch, scalars) -> None:
         c = self.config
         if c.expire_steps and fit.step % c.expire_every == 0:
-            self.table.expire(tf.constant(fit.step, tf.int64))
+            self.table.expire(tf.constant(fit.step + self.clock_offset, tf.int64))
 
     # -- evaluation and outputs -------------------------------------------------------------------
 

@@ -78,6 +78,12 @@ class TrainConfig:
     resume: bool = dataclasses.field(
         default=False, metadata={"help": "continue from the newest checkpoint of --output"}
     )
+    warm_start: str = dataclasses.field(
+        default="",
+        metadata={
+            "help": "start from the final checkpoint of this earlier output (weights, optimiser, host state)"
+        },
+    )
 
 
 # -------------------------------------------------------------------------------------------------
@@ -120,7 +126,8 @@ class Task:
         return {}
 
     def restored(self, fit: Fit) -> None:
-        """Called after a checkpoint was restored (``fit.step`` is its step)."""
+        """Called after a checkpoint was restored: ``fit.step`` is its step when resumed, 0 when warm
+        started from another output's checkpoint (``fit.warm_started`` is that checkpoint's step)."""
 
     # -- the schedule -----------------------------------------------------------------------------
 
@@ -333,6 +340,7 @@ class Fit:
         self.mesh = None
         self.summaries: Summaries | None = None
         self.history: dict[str, list[float]] = defaultdict(list)  # every scalar of every step of this run
+        self.warm_started: int | None = None
         self._predict = None
 
     @property
@@ -351,6 +359,26 @@ class Fit:
             out = self._predict(*place(padded))
             yield batch, tf.nest.map_structure(lambda t, n=n: mesh_lib.to_numpy(t)[:n], out)
 
+    def _warm_start(self, source: Path, groups) -> None:
+        """Restores another output's newest checkpoint of this phase; training then counts steps from 0
+        on the new data (a task that keeps a clock of its own reads it in `Task.restored`)."""
+        directory = source / "checkpoint" / self.phase
+        if not directory.is_dir():
+            raise InputError(f"--warm-start {source}: no checkpoint directory {directory}")
+        try:
+            step = Checkpoints(directory, groups).restore_latest()
+        except (ValueError, AssertionError, tf.errors.OpError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(
+                f"--warm-start {source}: its checkpoint does not fit this model (same model, capacity and "
+                f"embedding dim?): {first}"
+            ) from e
+        if step is None:
+            raise InputError(f"--warm-start {source}: no complete checkpoint in {directory}")
+        self.warm_started = step
+        _log.info("%s: warm-started from %s (its step %d)", self.task.name, source, step)
+        self.task.restored(self)
+
     # -- the loop ---------------------------------------------------------------------------------
 
     def run(self) -> FitResult:
@@ -367,6 +395,8 @@ class Fit:
                 self.step = start
                 _log.info("%s: resumed at step %d", task.name, start)
                 task.restored(self)
+        if start == 0 and getattr(c, "warm_start", ""):
+            self._warm_start(Path(c.warm_start), task.checkpoint_groups())
         self.step = start
         total, per_epoch = task.total_steps(), task.steps_per_epoch()
         if total is not None and start >= total:

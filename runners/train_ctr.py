@@ -81,6 +81,8 @@ def train_and_evaluate(config: CTRTrainConfig) -> dict:
         return train_online(config)
     if not config.data:
         raise ConfigError("--data is required")
+    if config.warm_start and config.feature_selection != "none":
+        raise ConfigError("--warm-start continues a trained model: use it without --feature-selection")
     with loop.Run(config) as run:
         curves, selection = {}, None
         if config.feature_selection != "none":
