@@ -70,8 +70,8 @@ class CTRRetrainConfig:
     max_auc_drop: float = dataclasses.field(
         default=0.002, metadata={"help": "largest AUC drop against the model in service that is promoted"}
     )
-    ingest: CtrIngestConfig = CtrIngestConfig(shards=4)
-    train: CTRTrainConfig = CTRTrainConfig(checkpoint_every=200)
+    ingest: CtrIngestConfig = dataclasses.field(default_factory=lambda: CtrIngestConfig(shards=4))
+    train: CTRTrainConfig = dataclasses.field(default_factory=lambda: CTRTrainConfig(checkpoint_every=200))
 
 
 @config_lib.register("retrain-ctr", command="retrain ctr")

@@ -177,9 +177,9 @@ def test_sigkill_in_each_stage_leaves_current_and_the_next_run_completes(stage, 
 def test_a_live_lock_refuses_a_second_run_and_two_runs_at_once_write_once(three_days, logs, tmp_path):
     mroot = tmp_path / "models"
     mroot.mkdir()
-    with retrain.Lock(mroot / f".{DATES[0]}.lock"):
-        with pytest.raises(retrain.LockedError, match="another retrain of this date is running"):
-            retrain.retrain_ctr(_config(logs, mroot, DATES[0]))
+    lock = retrain.Lock(mroot / f".{DATES[0]}.lock")
+    with lock, pytest.raises(retrain.LockedError, match="another retrain of this date is running"):
+        retrain.retrain_ctr(_config(logs, mroot, DATES[0]))
     assert not (mroot / DATES[0]).exists()
 
     runs = [_cli(logs, mroot, DATES[0]) for _ in range(2)]
