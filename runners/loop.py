@@ -526,6 +526,9 @@ class Run:
             raise InputError(f"--data {data}: no such directory (the output folder of a headrace pipeline)")
 
     def __enter__(self) -> Run:
+        # TensorFlow's global seed enters every seeded op (a dataset's shuffle(seed=...) included): set from
+        # the config here, a run gives the same model in a fresh process as after other work in this one.
+        tf.random.set_seed(getattr(self.config, "seed", 0))
         if self.staged:
             if not self.resume:
                 shutil.rmtree(self.dir, ignore_errors=True)

@@ -21,8 +21,8 @@ MROOT/DATE with the reason in decision.json, and ``current`` keeps naming the mo
 Safe to fire twice: a date whose decision is written and carried out does nothing (no byte under MROOT
 changes); a run killed at any point leaves ``current`` untouched, and the next run for the date resumes
 (a finished stage is not redone; training resumes from its last checkpoint); two runs for one date cannot
-both work: MROOT/.DATE.lock holds the run's id, pid and the pid's start time, and a lock whose process is
-gone is taken over. ``HEADRACE_RETRAIN_KILL=STAGE`` makes the run SIGKILL itself inside that stage
+both work: MROOT/.DATE.lock is flock'ed by the run (the kernel releases it however the run ends) and
+names it (id, pid, host); a run killed while holding it leaves the file, and the next one takes it over. ``HEADRACE_RETRAIN_KILL=STAGE`` makes the run SIGKILL itself inside that stage
 (the tests' way of killing a run at a known point).
 
 MROOT/DATE/: model/ (metrics.json, saved_model/, checkpoint/, tensorboard/, curves.png), report.json
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import fcntl
 import json
 import logging
 import os
@@ -89,59 +90,52 @@ class LockedError(HeadraceError):
     exit_code = 3
 
 
-def _start_time(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
 class Lock:
-    """An exclusive lock file naming its run: ``{"run", "pid", "host", "started"}``. A lock left by a
-    process that is gone (same host, pid dead or reused) is stale and taken over."""
+    """An exclusive lock on a file that names its run: ``{"run", "pid", "host"}``.
+
+    The lock is the kernel's (``flock``), so it goes with its process however that ends: a SIGKILLed run
+    leaves the file, with its name in it, but not the lock, and the next run takes it over. After taking
+    the lock the file is checked to be still the one at `path` (a finishing run unlinks it; a run that
+    opened the old file just before then retries on the new one)."""
 
     def __init__(self, path: Path):
         self.path = path
         self.run_id = uuid.uuid4().hex[:12]
-
-    def _stale(self) -> bool:
-        try:
-            held = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return True  # unreadable: a writer killed between create and write
-        if held.get("host") != socket.gethostname():
-            return False
-        start = _start_time(int(held.get("pid", -1)))
-        return start is None or start != held.get("started")
+        self._fd: int | None = None
 
     def __enter__(self) -> Lock:
-        body = json.dumps(
-            {
-                "run": self.run_id,
-                "pid": os.getpid(),
-                "host": socket.gethostname(),
-                "started": _start_time(os.getpid()),
-            }
-        )
-        for _ in range(2):
+        body = json.dumps({"run": self.run_id, "pid": os.getpid(), "host": socket.gethostname()})
+        for _ in range(10):
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if not self._stale():
-                    raise LockedError(
-                        f"{self.path}: held by run {self.path.read_text().strip()}; another retrain of this "
-                        "date is running"
-                    ) from None
-                _log.warning("%s: taking over the lock of a run that is gone", self.path)
-                self.path.unlink(missing_ok=True)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+                os.close(fd)
+                raise LockedError(
+                    f"{self.path}: held by run {held or '(starting)'}; another retrain of this date is running"
+                ) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # unlinked by the run that held it, between our open and our lock: again
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(body)
+            left = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+            if left:
+                _log.warning("%s: taking over the lock of a run that is gone (%s)", self.path, left)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, body.encode(), 0)
+            os.fsync(fd)
+            self._fd = fd
             return self
         raise LockedError(f"{self.path}: could not take the lock")
 
     def __exit__(self, *exc) -> None:
-        self.path.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)  # while still held: a run waiting on this file retries
+        os.close(self._fd)
+        self._fd = None
 
 
 class _Stage:
