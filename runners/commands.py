@@ -87,6 +87,14 @@ PIPELINES = {
         ),
         Command(
             "run",
+            "ctr-score",
+            "headrace.pipelines.ctr_score",
+            "build_ctr_score",
+            "ctr-score",
+            "Criteo-format lines -> click probabilities from a SavedModel, with Beam's RunInference",
+        ),
+        Command(
+            "run",
             "ct-ingest",
             "headrace.pipelines.ct",
             "build_ct_ingest",
