@@ -158,6 +158,9 @@ def _resolve_config(command: commands.Command, argv: Sequence[str], *, allow_unk
         )
     if command.verb == "retrain":
         parser.add_argument("--runner", default=None, help="Beam runner of the ingest (default FnApiRunner)")
+        parser.add_argument(
+            "--dry-run", action="store_true", help="check the flags and inputs, change nothing"
+        )
     if command.verb == "run":
         parser.add_argument(
             "--runner", default=None, help="FnApiRunner (default), FlinkRunner, DataflowRunner, ..."
@@ -305,7 +308,8 @@ def _retrain(name: str, argv: Sequence[str]) -> int:
         mesh_lib.configure_virtual_devices(math.prod(size for _, size in mesh_lib.parse_mesh(train.mesh)))
     import json
 
-    print(json.dumps(command.load()(config, args.runner, beam_args), indent=2, default=str))
+    result = command.load()(config, args.runner, beam_args, dry_run=args.dry_run)
+    print(json.dumps(result, indent=2, default=str))
     return 0
 
 
@@ -394,7 +398,7 @@ def _demo(argv: Sequence[str]) -> int:
 
 def _usage() -> str:
     lines = [
-        "usage: headrace {run,train,predict,generate,export,stream,retrain,configs,demo,jars,stack} ...",
+        "usage: headrace {run,train,predict,generate,stream,retrain,schedule,configs,demo,jars,stack} ...",
         "",
         "headrace: Beam pipelines that turn raw data into sharded tf.data input, and DTensor trainers.",
         "",
@@ -407,6 +411,8 @@ def _usage() -> str:
         " train ctr --online)",
         "  retrain NAME     one scheduled day: ingest, warm-start, evaluate, gated promotion: "
         + ", ".join(sorted(commands.RETRAINERS)),
+        "  schedule ctr     the nightly job: score the day with the model in service, then retrain it"
+        " (--since: catch-up)",
         "  configs          list / show registered configs",
         "  demo             run every pipeline and trainer on small embedded data",
         "  jars             build / locate the Java jars (Flink job server with KafkaIO, Kafka broker)",
@@ -446,6 +452,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not rest or rest[0].startswith("-"):
                 raise ConfigError("headrace retrain: missing what to retrain (ctr)")
             return _retrain(rest[0], rest[1:])
+        if verb == "schedule":
+            from headrace.runners import schedule
+
+            _setup_logging(False)
+            return schedule.main(rest)
         if verb == "configs":
             return _configs(rest)
         if verb == "demo":
@@ -455,8 +466,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if verb == "stack":
             return _stack(rest)
         raise ConfigError(
-            f"unknown command {verb!r} (commands: run, train, predict, generate, stream, retrain, configs, demo, "
-            "jars, stack)"
+            f"unknown command {verb!r} (commands: run, train, predict, generate, stream, retrain, schedule, "
+            "configs, demo, jars, stack)"
         )
     except HeadraceError as exc:
         print(f"headrace: error: {exc}", file=sys.stderr)

@@ -290,10 +290,18 @@ def _finished(mroot: Path, date: str) -> dict | None:
     return decision
 
 
-def retrain_ctr(config: CTRRetrainConfig, runner: str | None = None, beam_args=()) -> dict:
-    """Retrains one date (see the module docstring); returns its decision."""
+def retrain_ctr(
+    config: CTRRetrainConfig, runner: str | None = None, beam_args=(), *, dry_run: bool = False
+) -> dict:
+    """Retrains one date (see the module docstring); returns its decision. With `dry_run`, checks the
+    flags and that the day has files, and returns the resolved config without writing anything."""
     date = _check(config)
     mroot = Path(config.models).absolute()
+    if dry_run:
+        day = Path(config.logs) / f"dt={date}"
+        if not day.is_dir() or not any(p.is_file() for p in day.iterdir()):
+            raise InputError(f"--logs {config.logs}: no files in {day}")
+        return {"dry_run": True, "date": date, "config": dataclasses.asdict(config)}
     done = _finished(mroot, date)  # read-only: a finished date writes nothing, not even a lock
     if done is not None:
         _log.info("retrain %s: already finished (%s)", date, "promoted" if done["promoted"] else "refused")
