@@ -65,8 +65,12 @@ Method = Literal["majority_vote", "dawid_skene", "groupanno"]
 
 @dataclasses.dataclass(frozen=True)
 class CrowdConfig:
-    annotations: str = dataclasses.field(default="", metadata={"help": "CSV task,worker,label"})
-    output: str = ""
+    annotations: str = dataclasses.field(
+        default="", metadata={"help": "CSV task,worker,label", "required": True}
+    )
+    output: str = dataclasses.field(
+        default="", metadata={"help": "output folder (or gs:// prefix)", "required": True}
+    )
     method: Method = "dawid_skene"
     annotators: str = dataclasses.field(default="", metadata={"help": "CSV worker,group"})
     tasks: str = dataclasses.field(default="", metadata={"help": "CSV task,text (for the classifier)"})

@@ -111,9 +111,11 @@ BLOCK_SPEC = FeatureSpec(
 @dataclasses.dataclass(frozen=True)
 class CtIngestConfig:
     input: str = dataclasses.field(
-        default="", metadata={"help": "folder of DICOM and NIfTI files (any nesting)"}
+        default="", metadata={"help": "folder of DICOM and NIfTI files (any nesting)", "required": True}
     )
-    output: str = ""
+    output: str = dataclasses.field(
+        default="", metadata={"help": "output folder (or gs:// prefix)", "required": True}
+    )
     spacing: tuple[float, float, float] | None = dataclasses.field(
         default=None, metadata={"help": "resample to Z,Y,X mm (trilinear images, nearest labels)"}
     )

@@ -82,8 +82,12 @@ CTR_SPEC = FeatureSpec(
 
 @dataclasses.dataclass(frozen=True)
 class CtrIngestConfig:
-    input: str = dataclasses.field(default="", metadata={"help": "file glob (.gz read as gzip)"})
-    output: str = ""
+    input: str = dataclasses.field(
+        default="", metadata={"help": "file glob (.gz read as gzip)", "required": True}
+    )
+    output: str = dataclasses.field(
+        default="", metadata={"help": "output folder (or gs:// prefix)", "required": True}
+    )
     format: Literal["criteo", "parquet"] = "criteo"
     eval_fraction: float = 0.1
     min_count: int = dataclasses.field(

@@ -53,10 +53,18 @@ _INTEGER = re.compile(r"^-?[0-9]{1,18}$")
 @dataclasses.dataclass(frozen=True)
 class CtrScoreConfig:
     model: str = dataclasses.field(
-        default="", metadata={"help": "a SavedModel, a train ctr output, or a retrain date (MROOT/current)"}
+        default="",
+        metadata={
+            "help": "a SavedModel, a train ctr output, or a retrain date (MROOT/current)",
+            "required": True,
+        },
     )
-    input: str = dataclasses.field(default="", metadata={"help": "file glob of Criteo-format lines"})
-    output: str = ""
+    input: str = dataclasses.field(
+        default="", metadata={"help": "file glob of Criteo-format lines", "required": True}
+    )
+    output: str = dataclasses.field(
+        default="", metadata={"help": "output folder (or gs:// prefix)", "required": True}
+    )
     shards: int = 4
     max_batch_size: int = dataclasses.field(
         default=0, metadata={"help": "upper bound of Beam's batches (0: Beam's default)"}
@@ -73,6 +81,14 @@ def resolve_model(path: str) -> str:
     """The SavedModel directory `path` names (see the module docstring), symlinks resolved."""
     if not path:
         raise ConfigError("--model is required")
+    if "://" in path:  # an object store (gs://...): no symlinks there
+        from apache_beam.io.filesystems import FileSystems
+
+        base = path.rstrip("/")
+        for candidate in (base, f"{base}/saved_model", f"{base}/model/saved_model"):
+            if FileSystems.exists(f"{candidate}/saved_model.pb"):
+                return candidate
+        raise InputError(f"--model {path}: no saved_model.pb in it, in saved_model/ or in model/saved_model/")
     root = Path(os.path.realpath(path))
     for candidate in (root, root / "saved_model", root / "model" / "saved_model"):
         if (candidate / "saved_model.pb").is_file():

@@ -64,7 +64,9 @@ def dataset(out: str, split: str, batch_size: int, **kwargs):
 
 @dataclasses.dataclass(frozen=True)
 class ExampleConfig:
-    output: str = ""
+    output: str = dataclasses.field(
+        default="", metadata={"help": "output folder (or gs:// prefix)", "required": True}
+    )
     input: str = ""  # CSV glob; empty: generate `num_records` lines
     num_records: int = 20_000
     malformed_every: int = 500

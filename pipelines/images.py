@@ -55,8 +55,12 @@ IMAGE_SPEC = FeatureSpec(
 
 @dataclasses.dataclass(frozen=True)
 class ImageIngestConfig:
-    input: str = dataclasses.field(default="", metadata={"help": "folder of class folders of images"})
-    output: str = ""
+    input: str = dataclasses.field(
+        default="", metadata={"help": "folder of class folders of images", "required": True}
+    )
+    output: str = dataclasses.field(
+        default="", metadata={"help": "output folder (or gs:// prefix)", "required": True}
+    )
     shards: int = 8
     max_side: int = dataclasses.field(
         default=512, metadata={"help": "longer side above which an image is shrunk (pixels)"}

@@ -66,8 +66,12 @@ def dataset(out: str, split: str, batch_size: int, **kwargs):
 
 @dataclasses.dataclass(frozen=True)
 class TextIngestConfig:
-    input: str = dataclasses.field(default="", metadata={"help": "text files (glob, ** for any depth)"})
-    output: str = ""
+    input: str = dataclasses.field(
+        default="", metadata={"help": "text files (glob, ** for any depth)", "required": True}
+    )
+    output: str = dataclasses.field(
+        default="", metadata={"help": "output folder (or gs:// prefix)", "required": True}
+    )
     vocab_size: int = 1024
     seq_len: int = 128
     eval_fraction: float = 0.05

@@ -267,3 +267,44 @@ def run_pipeline(
             config_lib.dump(config, staging / "resolved_config.json", extra=extra)
     _log.info("%s: %s finished in %.1fs", output, name, seconds)
     return RunResult(output=Path(output), runner=name, seconds=seconds, state=str(state))
+
+
+def submit_pipeline(
+    build: Callable[[beam.Pipeline, Any], Any],
+    config: Any,
+    *,
+    runner: str | None = None,
+    beam_args: Sequence[str] = (),
+    overwrite: bool = False,
+    job_name: str | None = None,
+) -> str:
+    """Builds ``build(pipeline, config)`` and submits it to Dataflow without waiting; returns the job id.
+
+    For a Flex Template's launcher, which must exit once the job is submitted: no process is left to
+    rename a staging directory, so the job writes under ``config.output`` itself, which must be empty
+    (or ``overwrite``). ``resolved_config.json`` (with ``"detached": true``) is written first; the job
+    writes report.json, after its counts reconcile, so an output without one is not (yet) complete.
+    """
+    from apache_beam.io.filesystems import FileSystems
+
+    name = resolve_runner(runner)
+    if name != "DataflowRunner":
+        raise ConfigError(f"--detach submits to Dataflow; {name} runs wait for the job (drop --detach)")
+    output = getattr(config, "output", "") or ""
+    if not output:
+        raise ConfigError("--output is required")
+    output = output.rstrip("/")
+    existing = FileSystems.match([f"{output}/*"])[0].metadata_list
+    if existing and not overwrite:
+        raise ConfigError(f"--output {output}: not empty (a detached job writes in place); pass --overwrite")
+    if existing:
+        FileSystems.delete([m.path for m in existing])
+    pipeline = create_pipeline(name, beam_args, job_name=job_name)
+    build(pipeline, config)
+    extra = {"runner": name, "beam_args": list(beam_args), "detached": True}
+    with FileSystems.create(f"{output}/resolved_config.json") as f:
+        f.write(config_lib.dumps(config, extra=extra).encode())
+    result = pipeline.run()
+    job_id = result.job_id() if hasattr(result, "job_id") else str(result)
+    _log.info("%s: submitted to %s as %s (not waiting)", output, name, job_id)
+    return job_id

@@ -110,7 +110,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, config) -> list[str]:
         if dataclasses.is_dataclass(tp):
             continue
         default = getattr(config, field.name)
-        help_text = field.metadata.get("help", "") + f" (default: {default!r})"
+        required = " (required)" if field.metadata.get("required") else f" (default: {default!r})"
+        help_text = field.metadata.get("help", "") + required
         if tp is bool:
             group.add_argument(
                 _flag(field.name),
@@ -170,6 +171,11 @@ def _resolve_config(command: commands.Command, argv: Sequence[str], *, allow_unk
             "--dry-run",
             action="store_true",
             help="build and validate the pipeline without running it",
+        )
+        parser.add_argument(
+            "--detach",
+            action="store_true",
+            help="submit to Dataflow and return (a Flex Template's launcher); outputs are written in place",
         )
     fields = _add_config_flags(parser, base)
     if allow_unknown:
@@ -233,6 +239,17 @@ def _run(name: str, argv: Sequence[str]) -> int:
         else:
             pipeline.to_runner_api()
         print(f"{command.key}: pipeline built and validated for {beam_runner.resolve_runner(args.runner)}")
+        return 0
+    if args.detach:
+        job = beam_runner.submit_pipeline(
+            build,
+            config,
+            runner=args.runner,
+            beam_args=beam_args,
+            overwrite=args.overwrite,
+            job_name=f"headrace-{name}",
+        )
+        print(f"{command.key}: submitted {job} writing {config.output} (report.json once the job is done)")
         return 0
     result = beam_runner.run_pipeline(
         build,
@@ -398,7 +415,7 @@ def _demo(argv: Sequence[str]) -> int:
 
 def _usage() -> str:
     lines = [
-        "usage: headrace {run,train,predict,generate,stream,retrain,schedule,configs,demo,jars,stack} ...",
+        "usage: headrace {run,train,predict,generate,stream,retrain,schedule,templates,configs,demo,jars,stack} ...",
         "",
         "headrace: Beam pipelines that turn raw data into sharded tf.data input, and DTensor trainers.",
         "",
@@ -413,6 +430,7 @@ def _usage() -> str:
         + ", ".join(sorted(commands.RETRAINERS)),
         "  schedule ctr     the nightly job: score the day with the model in service, then retrain it"
         " (--since: catch-up)",
+        "  templates        write / check the Dataflow Flex Templates of the batch pipelines (templates/)",
         "  configs          list / show registered configs",
         "  demo             run every pipeline and trainer on small embedded data",
         "  jars             build / locate the Java jars (Flink job server with KafkaIO, Kafka broker)",
@@ -452,6 +470,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not rest or rest[0].startswith("-"):
                 raise ConfigError("headrace retrain: missing what to retrain (ctr)")
             return _retrain(rest[0], rest[1:])
+        if verb == "templates":
+            from headrace.runners import templates
+
+            return templates.main(rest)
         if verb == "schedule":
             from headrace.runners import schedule
 
@@ -467,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _stack(rest)
         raise ConfigError(
             f"unknown command {verb!r} (commands: run, train, predict, generate, stream, retrain, schedule, "
-            "configs, demo, jars, stack)"
+            "templates, configs, demo, jars, stack)"
         )
     except HeadraceError as exc:
         print(f"headrace: error: {exc}", file=sys.stderr)
