@@ -468,7 +468,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _stream(rest[0], rest[1:])
         if verb == "retrain":
             if not rest or rest[0].startswith("-"):
-                raise ConfigError("headrace retrain: missing what to retrain (ctr)")
+                raise ConfigError("headrace retrain: missing what to retrain (ctr, crowd)")
             return _retrain(rest[0], rest[1:])
         if verb == "templates":
             from headrace.runners import templates

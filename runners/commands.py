@@ -222,6 +222,14 @@ RETRAINERS = {
             "retrain-ctr",
             "one day of CTR logs: ingest, warm-start from current, evaluate, promote if not worse",
         ),
+        Command(
+            "retrain",
+            "crowd",
+            "headrace.runners.retrain_crowd",
+            "retrain_crowd",
+            "retrain-crowd",
+            "one day of annotations: merged with every earlier day, aggregated, changes listed, promoted",
+        ),
     ]
 }
 
