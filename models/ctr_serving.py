@@ -52,8 +52,15 @@ class ServingCTR(tf.Module):
         self.model = CTRModel(model_config)
         for dst, src in zip(self.model.weights, dense):
             dst.assign(src)
-        self.field_weight = tf.constant(np.asarray(field_weight, np.float32))
-        self.logit_shift = tf.constant(float(logit_shift), tf.float32)
+        # Saved with the model (variables, not graph constants), so that `headrace export ctr --int8` can
+        # rebuild the same computation outside TensorFlow's id table.
+        self.keys = tf.Variable(keys, trainable=False, name="keys")
+        self.field_weight = tf.Variable(
+            np.asarray(field_weight, np.float32), trainable=False, name="field_weight"
+        )
+        self.logit_shift = tf.Variable(
+            float(logit_shift), trainable=False, dtype=tf.float32, name="logit_shift"
+        )
 
     @classmethod
     def from_state(
@@ -75,7 +82,10 @@ class ServingCTR(tf.Module):
 
     def probability(self, fields: dict):
         ids = serving_ids(fields)  # [B, 39]
-        rows = self.rows.lookup(ids)
+        return self.from_rows(self.rows.lookup(ids))
+
+    def from_rows(self, rows):
+        """Rows [B, 39] of `E` (0: no row) -> click probability [B]: the part after the id table."""
         emb = tf.gather(self.E, rows) * self.field_weight[None, :, None]
         lin = tf.gather(self.w[:, 0], rows) * self.field_weight[None, :]
         return tf.sigmoid(self.model(emb, lin) + self.logit_shift)

@@ -415,7 +415,7 @@ def _demo(argv: Sequence[str]) -> int:
 
 def _usage() -> str:
     lines = [
-        "usage: headrace {run,train,predict,generate,stream,retrain,schedule,templates,configs,demo,jars,stack} ...",
+        "usage: headrace {run,train,predict,generate,export,stream,retrain,schedule,templates,configs,demo,jars,stack} ...",
         "",
         "headrace: Beam pipelines that turn raw data into sharded tf.data input, and DTensor trainers.",
         "",
@@ -430,6 +430,7 @@ def _usage() -> str:
         + ", ".join(sorted(commands.RETRAINERS)),
         "  schedule ctr     the nightly job: score the day with the model in service, then retrain it"
         " (--since: catch-up)",
+        "  export MODEL     a trained model as TFLite, float32 and --int8: ctr, unet3d",
         "  templates        write / check the Dataflow Flex Templates of the batch pipelines (templates/)",
         "  configs          list / show registered configs",
         "  demo             run every pipeline and trainer on small embedded data",
@@ -470,6 +471,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not rest or rest[0].startswith("-"):
                 raise ConfigError("headrace retrain: missing what to retrain (ctr, crowd)")
             return _retrain(rest[0], rest[1:])
+        if verb == "export":
+            from headrace.runners import export
+
+            _setup_logging(False)
+            return export.main(rest)
         if verb == "templates":
             from headrace.runners import templates
 
@@ -489,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _stack(rest)
         raise ConfigError(
             f"unknown command {verb!r} (commands: run, train, predict, generate, stream, retrain, schedule, "
-            "templates, configs, demo, jars, stack)"
+            "templates, export, configs, demo, jars, stack)"
         )
     except HeadraceError as exc:
         print(f"headrace: error: {exc}", file=sys.stderr)
