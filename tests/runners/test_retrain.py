@@ -148,7 +148,11 @@ def _cli(logs: Path, mroot: Path, date: str, env_extra=None, **popen):
     )
 
 
-@pytest.mark.parametrize("stage", retrain.STAGES)
+# Train and promote (the resumed checkpoint, the rename without the symlink) in CI; the others are slow.
+@pytest.mark.parametrize(
+    "stage",
+    [s if s in ("train", "promote") else pytest.param(s, marks=pytest.mark.slow) for s in retrain.STAGES],
+)
 def test_sigkill_in_each_stage_leaves_current_and_the_next_run_completes(stage, three_days, logs, tmp_path):
     reference_root, decisions = three_days
     mroot = tmp_path / "models"
