@@ -3,7 +3,8 @@
 A mesh is written as ``batch=4,model=2``: named dimensions, their sizes multiplying to the device count.
 `create_mesh` puts it on GPUs when enough are present, otherwise on virtual CPU devices (the first physical
 CPU split into logical devices, which must happen before TensorFlow initialises its runtime; tests and the
-CLI call `configure_virtual_devices` first thing). A mesh that needs more GPUs than are present runs on
+CLI call `configure_virtual_devices` first thing). Under several DTensor clients (`headrace.core.cluster`)
+each process holds its share of the devices and the mesh is DTensor's distributed mesh over all of them. A mesh that needs more GPUs than are present runs on
 virtual CPUs with a warning that says so. ``auto`` (the trainers' default) is ``batch=4,model=2`` where
 there are no GPUs and a mesh of the GPUs present where there are (`auto_mesh`).
 
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from headrace.core import cluster
 from headrace.core.errors import ConfigError, HeadraceError
 
 __all__ = [
@@ -121,14 +123,22 @@ def _spec_text(dims) -> str:
     return ",".join(f"{name}={size}" for name, size in dims)
 
 
+def default_device_type(devices: int) -> str:
+    """GPU when at least `devices` GPUs are present, else CPU (``HEADRACE_DEVICE_TYPE`` overrides)."""
+    gpus = len(_tf().config.list_physical_devices("GPU"))
+    return (os.environ.get("HEADRACE_DEVICE_TYPE") or ("GPU" if gpus >= devices else "CPU")).upper()
+
+
 def create_mesh(spec: str | Sequence[tuple[str, int]], device_type: str | None = None):
     """A DTensor mesh over GPUs if at least as many as the mesh needs, else over virtual CPUs."""
     tf, dtensor = _tf(), _dtensor()
     dims = parse_mesh(spec)
     n = math.prod(s for _, s in dims)
+    clients = cluster.Clients.current()
+    local = clients.local_devices(n)
     if device_type is None:
         gpus = len(tf.config.list_physical_devices("GPU"))
-        device_type = os.environ.get("HEADRACE_DEVICE_TYPE") or ("GPU" if gpus >= n else "CPU")
+        device_type = default_device_type(local)
         if 0 < gpus < n and device_type.upper() == "CPU":
             _log.warning(
                 "mesh %s needs %d devices but %d GPU(s) are present: running on %d virtual CPU devices; "
@@ -141,10 +151,16 @@ def create_mesh(spec: str | Sequence[tuple[str, int]], device_type: str | None =
             )
     device_type = device_type.upper()
     if device_type == "CPU":
-        configure_virtual_devices(n)
+        configure_virtual_devices(local)
     available = len(tf.config.list_logical_devices(device_type))
-    if available < n:
-        raise HeadraceError(f"mesh {spec!r} needs {n} {device_type} devices, {available} available")
+    if available < local:
+        raise HeadraceError(
+            f"mesh {spec!r} needs {local} {device_type} devices"
+            + (f" on each of {clients.count} clients" if clients.multi else "")
+            + f", {available} available"
+        )
+    if clients.multi:
+        return cluster.distributed_mesh(dims, device_type)
     return dtensor.create_mesh(
         dims, devices=[f"{device_type}:{i}" for i in range(n)], device_type=device_type
     )

@@ -275,17 +275,33 @@ def _train(name: str, argv: Sequence[str], table=commands.TRAINERS) -> int:
     _setup_logging(args.verbose)
     mesh_spec = getattr(config, "mesh", None)
     n = 0
+    from headrace.core import cluster
     from headrace.core import mesh as mesh_lib
 
+    clients = cluster.Clients.of(
+        getattr(config, "num_clients", 1), getattr(config, "client_id", 0), getattr(config, "jobs", "")
+    )
+    clients.export()  # DTensor reads its multi-client set-up from the environment
     if mesh_spec:
-        n = math.prod(size for _, size in mesh_lib.parse_mesh(mesh_spec))
+        n = clients.local_devices(math.prod(size for _, size in mesh_lib.parse_mesh(mesh_spec)))
     if hasattr(config, "partitions"):  # spatially partitioned models: one device per block, plus the host
+        if clients.multi:
+            raise ConfigError(
+                f"{name} partitions space over the devices of one client; --num-clients > 1 needs a batch mesh"
+            )
         n = max(n, config.partitions) + 1
     if n:
         mesh_lib.configure_virtual_devices(n)
+    if clients.multi:  # before TensorFlow initialises: DTensor's multi-client runtime replaces the local one
+        if not n:
+            raise ConfigError("--num-clients > 1 needs a mesh (--mesh) to share")
+        cluster.initialize(mesh_lib.default_device_type(n))
     if not getattr(config, "output", "x"):
         raise ConfigError("--output is required")
-    result = command.load()(config)
+    try:
+        result = command.load()(config)
+    finally:
+        cluster.shutdown()
     if isinstance(result, dict):
         import json
 
@@ -415,7 +431,8 @@ def _demo(argv: Sequence[str]) -> int:
 
 def _usage() -> str:
     lines = [
-        "usage: headrace {run,train,predict,generate,export,stream,retrain,schedule,templates,configs,demo,jars,stack} ...",
+        "usage: headrace {run,train,launch,predict,generate,export,stream,retrain,schedule,templates,configs,demo,jars,"
+        "stack} ...",
         "",
         "headrace: Beam pipelines that turn raw data into sharded tf.data input, and DTensor trainers.",
         "",
@@ -432,6 +449,7 @@ def _usage() -> str:
         " (--since: catch-up)",
         "  export MODEL     a trained model as TFLite, float32 and --int8: ctr, unet3d",
         "  templates        write / check the Dataflow Flex Templates of the batch pipelines (templates/)",
+        "  launch           N DTensor clients of one trainer on loopback: launch --clients N -- train MODEL ...",
         "  configs          list / show registered configs",
         "  demo             run every pipeline and trainer on small embedded data",
         "  jars             build / locate the Java jars (Flink job server with KafkaIO, Kafka broker)",
@@ -476,6 +494,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             _setup_logging(False)
             return export.main(rest)
+        if verb == "launch":
+            from headrace.runners import launch
+
+            return launch.main(rest)
         if verb == "templates":
             from headrace.runners import templates
 
@@ -495,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _stack(rest)
         raise ConfigError(
             f"unknown command {verb!r} (commands: run, train, predict, generate, stream, retrain, schedule, "
-            "templates, export, configs, demo, jars, stack)"
+            "templates, export, launch, configs, demo, jars, stack)"
         )
     except HeadraceError as exc:
         print(f"headrace: error: {exc}", file=sys.stderr)

@@ -32,6 +32,7 @@ from typing import Literal
 import numpy as np
 import tensorflow as tf
 
+from headrace.core import cluster
 from headrace.core import mesh as mesh_lib
 from headrace.core.errors import ConfigError, InputError
 from headrace.models import metrics as metrics_lib
@@ -243,9 +244,13 @@ class CTRTask(loop.Task):
 
     def dataset(self, epoch: int):
         c = self.config
+        share = cluster.input_share(c)
         ds = ctr_data.dataset(
-            c.data, "train", c.batch_size, shuffle=True, seed=c.seed + epoch, drop_remainder=True
-        )
+            c.data, "train", c.batch_size, shuffle=True, seed=c.seed + epoch, drop_remainder=True,
+            share=share, repeat=share is not None,
+        )  # fmt: skip
+        if share is not None:  # streams of unequal length: each repeats, the epoch is counted in batches
+            ds = ds.take(self.steps_per_epoch())
         return ds.map(
             lambda b: (self.ids(b), tf.cast(b["label"], tf.float32)), num_parallel_calls=tf.data.AUTOTUNE
         )

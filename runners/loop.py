@@ -37,13 +37,16 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from headrace.core import cluster
 from headrace.core import config as config_lib
 from headrace.core import mesh as mesh_lib
-from headrace.core.errors import HeadraceError, InputError
+from headrace.core.errors import ConfigError, HeadraceError, InputError
 from headrace.core.outputs import commit_directory, write_json
+from headrace.runners.checkpoints import HOST_GROUP, Checkpoints, pad_batch
 from headrace.runners.reporting import Progress, Summaries, plot_curves
 
 __all__ = [
+    "HOST_GROUP",
     "Checkpoints",
     "Fit",
     "FitResult",
@@ -82,6 +85,21 @@ class TrainConfig:
         default="",
         metadata={
             "help": "start from the final checkpoint of this earlier output (weights, optimiser, host state)"
+        },
+    )
+    num_clients: int = dataclasses.field(
+        default=1,
+        metadata={"help": "DTensor clients holding the mesh between them (headrace launch starts them)"},
+    )
+    client_id: int = dataclasses.field(default=0, metadata={"help": "this client's index, 0..num_clients-1"})
+    jobs: str = dataclasses.field(
+        default="", metadata={"help": "host:port of every client, in client order (DTENSOR_JOBS)"}
+    )
+    input_shards: int = dataclasses.field(
+        default=0,
+        metadata={
+            "help": "streams the training input is read in, each over its own files (0: one per client); "
+            "runs with the same value train on the same batches whatever the number of clients"
         },
     )
 
@@ -228,68 +246,6 @@ def _skip(dataset, n: int) -> Iterator:
 
 
 # -------------------------------------------------------------------------------------------------
-# Checkpoints and padding
-# -------------------------------------------------------------------------------------------------
-
-
-class Checkpoints:
-    """Groups of trackables checkpointed together under one step number.
-
-    Each group is a `tf.train.CheckpointManager` of its own, written in the order given; the newest
-    number present in every group is a consistent set, so a run killed between two writes resumes from
-    the set before.
-    """
-
-    def __init__(self, directory: Path, groups: Mapping[str, Mapping[str, Any]], max_to_keep: int = 2):
-        self._managers = [
-            tf.train.CheckpointManager(
-                tf.train.Checkpoint(**items), str(directory / name if name else directory), max_to_keep
-            )
-            for name, items in groups.items()
-            if items
-        ]
-
-    def __bool__(self) -> bool:
-        return bool(self._managers)
-
-    def save(self, step: int) -> None:
-        for manager in self._managers:
-            manager.save(checkpoint_number=step)
-
-    def restore_latest(self) -> int | None:
-        """Restores the newest step every group has; returns it (None when there is none)."""
-        numbers = [{int(p.rsplit("-", 1)[1]): p for p in m.checkpoints} for m in self._managers]
-        common = sorted(set.intersection(*(set(n) for n in numbers))) if numbers else []
-        if not common:
-            return None
-        step = common[-1]
-        for manager, paths in zip(self._managers, numbers):
-            manager.checkpoint.restore(paths[step]).assert_existing_objects_matched()
-        return step
-
-
-def pad_batch(batch: Mapping[str, Any], multiple: int) -> tuple[dict[str, Any], int]:
-    """Pads every array of a host batch along dimension 0 (repeating its last row) to a multiple of
-    `multiple`; returns the padded batch and the true size. Ragged tensors pass through unpadded."""
-    sizes = {int(v.shape[0]) for v in batch.values() if not isinstance(v, tf.RaggedTensor)}
-    if len(sizes) != 1:
-        raise ValueError(f"batch arrays disagree on the batch size: {sorted(sizes)}")
-    (n,) = sizes
-    pad = (-n) % multiple
-    if not pad:
-        return dict(batch), n
-    padded = {}
-    for k, v in batch.items():
-        if isinstance(v, tf.RaggedTensor):
-            padded[k] = v
-        elif isinstance(v, np.ndarray):
-            padded[k] = np.concatenate([v, np.repeat(v[-1:], pad, axis=0)])
-        else:
-            padded[k] = tf.concat([v, tf.repeat(v[-1:], pad, axis=0)], axis=0)
-    return padded, n
-
-
-# -------------------------------------------------------------------------------------------------
 # One phase of training
 # -------------------------------------------------------------------------------------------------
 
@@ -334,8 +290,13 @@ class Fit:
     """The state of one training phase, handed to a task's hooks: ``step``, ``mesh``, ``directory``,
     ``summaries``; `predict` runs the task's forward pass over host batches."""
 
-    def __init__(self, task: Task, directory: Path, phase: str, *, resume: bool):
+    def __init__(
+        self, task: Task, directory: Path, phase: str, *, resume: bool, checkpoint_root: Path | None = None
+    ):
         self.task, self.directory, self.phase, self.resume = task, directory, phase, resume
+        # Under several clients every one saves its shards into client 0's directory (see Checkpoints).
+        self.checkpoint_root = checkpoint_root or directory
+        self.clients = cluster.Clients.current()
         self.step = 0
         self.mesh = None
         self.summaries: Summaries | None = None
@@ -385,8 +346,13 @@ class Fit:
         task, c = self.task, self.task.config
         self.mesh = task.create_mesh()
         task.mesh = self.mesh
+        clients = self.clients
+        if clients.multi and (self.mesh is None or self.mesh.num_local_devices() == self.mesh.size):
+            raise ConfigError(f"{task.name}: --num-clients {clients.count} needs a mesh (--mesh) to share")
         task.build(self.mesh)
-        checkpoints = Checkpoints(self.directory / "checkpoint" / self.phase, task.checkpoint_groups())
+        checkpoints = Checkpoints(
+            self.checkpoint_root / "checkpoint" / self.phase, task.checkpoint_groups(), chief=clients.chief
+        )
         start = 0
         if self.resume and checkpoints:
             restored = checkpoints.restore_latest()
@@ -440,6 +406,8 @@ class Fit:
         for batch in task.batches(start) if total is None or start < total else ():
             if batch is not None:
                 t = time.perf_counter()
+                if clients.multi:  # this client's rows -> the global batch every client places from
+                    batch = cluster.gather(self.mesh, batch)
                 out = step_fn(*task.place(batch, self.step))
                 scalars = {k: float(mesh_lib.to_numpy(v)) for k, v in out.items()}
                 step_seconds.append(time.perf_counter() - t)
@@ -520,6 +488,15 @@ class Run:
         self.staged = staged
         self.resume = bool(getattr(config, "resume", False)) if resume is None else resume
         self.dir = self.output.parent / f".{self.output.name}.partial" if staged else self.output
+        self.clients = cluster.Clients.current()
+        self.shared = self.dir  # where checkpoints go (client 0's directory)
+        if self.clients.multi:
+            if not staged:
+                raise ConfigError("a trainer that runs forever (the online trainer) runs on one client")
+            if not self.clients.chief:
+                # Clients other than 0 run the same code (everything on the mesh is collective) but write
+                # their summaries, metrics and exports into a scratch directory removed at the end.
+                self.dir = self.output.parent / f".{self.output.name}.client-{self.clients.index}.partial"
         data = getattr(config, "data", None)
         if staged and isinstance(data, str) and data and "://" not in data and not Path(data).is_dir():
             # Checked before anything is written: a typo in --data leaves no output behind.
@@ -529,7 +506,9 @@ class Run:
         # TensorFlow's global seed enters every seeded op (a dataset's shuffle(seed=...) included): set from
         # the config here, a run gives the same model in a fresh process as after other work in this one.
         tf.random.set_seed(getattr(self.config, "seed", 0))
-        if self.staged:
+        if not self.clients.chief:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        elif self.staged:
             if not self.resume:
                 shutil.rmtree(self.dir, ignore_errors=True)
             elif not self.dir.exists() and (self.output / "checkpoint").is_dir():
@@ -539,6 +518,9 @@ class Run:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.clients.chief:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return
         if not self.staged:
             return
         if exc_type is None:
@@ -553,7 +535,7 @@ class Run:
     def train(self, task: Task, phase: str = "", *, resume: bool | None = None) -> FitResult:
         """Trains one phase of `task` into this run's directory."""
         resume = self.resume or not task.staged if resume is None else resume
-        return Fit(task, self.dir, phase, resume=resume).run()
+        return Fit(task, self.dir, phase, resume=resume, checkpoint_root=self.shared).run()
 
     def finish(
         self,
@@ -579,7 +561,9 @@ class Run:
         }
         metrics["mesh"] = getattr(self.config, "mesh", "")
         if mesh is not None:
-            metrics.update(devices=mesh.num_local_devices(), device_type=mesh.device_type())
+            metrics.update(devices=mesh.size, device_type=mesh.device_type())
+            if self.clients.multi:
+                metrics.update(clients=self.clients.count, local_devices=mesh.num_local_devices())
         metrics.update(task.metrics(result))
         metrics.update(extra or {})
         if getattr(self.config, "export", True):

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from headrace.core import cluster
 from headrace.core import config as config_lib
 from headrace.core import mesh as mesh_lib
 from headrace.core.errors import ConfigError, InputError
@@ -131,6 +132,7 @@ class CrowdClassifierTask(loop.Task):
             seed=self.config.seed,
             repeat=True,
             drop_remainder=True,
+            share=cluster.input_share(self.config),
         )
 
     def place(self, batch, step: int):

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from headrace.core import cluster
 from headrace.core import config as config_lib
 from headrace.core import mesh as mesh_lib
 from headrace.core.errors import InputError
@@ -109,8 +110,9 @@ class LMTask(loop.Task):
     def dataset(self, epoch: int):
         c = self.config
         return text.dataset(
-            c.data, "train", c.batch_size, shuffle=True, seed=c.seed, repeat=True, drop_remainder=True
-        )
+            c.data, "train", c.batch_size, shuffle=True, seed=c.seed, repeat=True, drop_remainder=True,
+            share=cluster.input_share(c),
+        )  # fmt: skip
 
     def _place(self, batch):
         keys = ("tokens", "segment_ids", "positions")

@@ -16,6 +16,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
+from headrace.core import cluster
 from headrace.core import config as config_lib
 from headrace.core import mesh as mesh_lib
 from headrace.models import metrics
@@ -66,7 +67,10 @@ class MLPTask(loop.Task):
         return ds.map(lambda b: to_model_inputs(b, c.max_tokens))
 
     def dataset(self, epoch: int):
-        return self._inputs("train", shuffle=True, seed=self.config.seed, repeat=True, drop_remainder=True)
+        return self._inputs(
+            "train", shuffle=True, seed=self.config.seed, repeat=True, drop_remainder=True,
+            share=cluster.input_share(self.config),
+        )  # fmt: skip
 
     def place(self, batch, step: int):
         return ({k: mesh_lib.shard_batch(self.mesh, v) for k, v in batch.items()},)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from headrace.core import cluster
 from headrace.core import config as config_lib
 from headrace.core import mesh as mesh_lib
 from headrace.core.errors import ConfigError, InputError
@@ -184,8 +185,12 @@ class ResNetTask(loop.Task):
 
     def _train_data(self, epoch: int):
         c = self.config
+        clients = cluster.Clients.current()  # each client reads its own files, its part of the batch
+        if c.input_shards not in (0, clients.count):
+            raise ConfigError("resnet reads one input stream per client: leave --input-shards at 0")
         return image_input.image_dataset(
-            c.data, "train", c.batch_size, image_size=c.image_size, seed=c.seed, epoch=epoch,
+            c.data, "train", c.batch_size // clients.count, image_size=c.image_size, seed=c.seed, epoch=epoch,
+            num_clients=clients.count, client_id=clients.index,
             dtype=c.input_dtype, area_range=(c.min_crop_area, 1.0), flip=c.flip,
         )  # fmt: skip
 

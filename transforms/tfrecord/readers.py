@@ -56,12 +56,14 @@ def tfrecord_dataset(
     block_length: int = 64,
     deterministic: bool | None = None,
     prefetch: bool = True,
+    share=None,
 ):
     """A tf.data pipeline over the shards: parallel interleave, shuffle, batched parsing, prefetch.
 
     Yields dicts of batched tensors (RaggedTensor for variable-length features). Without `shuffle` the
     order is deterministic (shards in name order, interleaved round-robin); with it, pass `seed` for a
-    reproducible order.
+    reproducible order. `share` (a `headrace.core.cluster.Share`) reads only this client's input streams
+    and yields its part of every global batch (whole batches only).
     """
     tf = _tf()
     files = list_shards(file_pattern)
@@ -69,6 +71,48 @@ def tfrecord_dataset(
     autotune = tf.data.AUTOTUNE
     if deterministic is None:
         deterministic = not shuffle or seed is not None
+    if share is not None:
+        from headrace.core import cluster
+
+        # This client's input streams (`headrace.core.cluster.Share`): each over its own files, with its
+        # own seed and its part of the batch; a batch is their parts concatenated in stream order.
+        groups = share.files(files, f"{file_pattern}")
+        part = share.batch(batch_size)
+        streams = [
+            _records(tf, group, compression, shuffle, shuffle_buffer, cluster.seed_of(seed, r), repeat,
+                     cycle_length, block_length, deterministic).batch(part, drop_remainder=True)
+            for r, group in zip(share.readers, groups)
+        ]  # fmt: skip
+        if len(streams) == 1:
+            ds = streams[0]
+        else:
+            ds = tf.data.Dataset.zip(tuple(streams)).map(lambda *parts: tf.concat(parts, axis=0))
+        ds = ds.map(spec.parse_batch, num_parallel_calls=autotune, deterministic=deterministic)
+        return ds.prefetch(autotune) if prefetch else ds
+    ds = _records(
+        tf,
+        files,
+        compression,
+        shuffle,
+        shuffle_buffer,
+        seed,
+        repeat,
+        cycle_length,
+        block_length,
+        deterministic,
+    )
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    ds = ds.map(spec.parse_batch, num_parallel_calls=autotune, deterministic=deterministic)
+    if prefetch:
+        ds = ds.prefetch(autotune)
+    return ds
+
+
+def _records(
+    tf, files, compression, shuffle, shuffle_buffer, seed, repeat, cycle_length, block_length, deterministic
+):
+    """The serialized records of `files`: interleaved, repeated and shuffled as asked."""
+    autotune = tf.data.AUTOTUNE
     ds = tf.data.Dataset.from_tensor_slices(files)
     if shuffle:
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
@@ -86,10 +130,6 @@ def tfrecord_dataset(
         ds = ds.repeat()
     if shuffle:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    ds = ds.map(spec.parse_batch, num_parallel_calls=autotune, deterministic=deterministic)
-    if prefetch:
-        ds = ds.prefetch(autotune)
     return ds
 
 
