@@ -387,21 +387,32 @@ def _jars(argv: Sequence[str]) -> int:
 
 
 def _stack(argv: Sequence[str]) -> int:
-    parser = _Parser(prog="headrace stack", description="the local streaming stack (Kafka broker)")
+    parser = _Parser(prog="headrace stack", description="the local stack (Kafka broker, Flink cluster)")
     sub = parser.add_subparsers(dest="action", required=True)
-    start = sub.add_parser("up", help="start a Kafka broker on loopback (KRaft mode)")
+    start = sub.add_parser("up", help="start a Kafka broker on loopback (KRaft mode), or --flink a cluster")
     start.add_argument("--kafka-port", type=int, default=9092)
-    sub.add_parser("down", help="stop it")
+    start.add_argument(
+        "--flink",
+        action="store_true",
+        help="a standalone Flink session cluster and a Beam worker pool instead",
+    )
+    start.add_argument("--taskmanagers", type=int, default=2, help="with --flink: TaskManager processes")
+    start.add_argument("--slots", type=int, default=2, help="with --flink: task slots per TaskManager")
+    sub.add_parser("down", help="stop what `up` started")
     sub.add_parser("status", help="is it running, where")
     args = parser.parse_args(argv)
     _setup_logging(False)
-    from headrace.runners import stack
+    from headrace.runners import flink_cluster, stack
 
     if args.action == "up":
+        if args.flink:
+            print(flink_cluster.describe(flink_cluster.up(args.taskmanagers, args.slots)))
+            return 0
         broker = stack.up(args.kafka_port)
         print(f"kafka: {broker.bootstrap} (pid {broker.pid}, log {broker.log})")
     elif args.action == "down":
         print("kafka: stopped" if stack.down() else "kafka: not running")
+        print("flink: stopped" if flink_cluster.down() else "flink: not running")
     else:
         broker = stack.status()
         print(
@@ -409,6 +420,8 @@ def _stack(argv: Sequence[str]) -> int:
             if broker
             else "kafka: not running"
         )
+        cluster = flink_cluster.status()
+        print(flink_cluster.describe(cluster) if cluster else "flink: not running")
     return 0
 
 
@@ -453,7 +466,7 @@ def _usage() -> str:
         "  configs          list / show registered configs",
         "  demo             run every pipeline and trainer on small embedded data",
         "  jars             build / locate the Java jars (Flink job server with KafkaIO, Kafka broker)",
-        "  stack            start / stop the local Kafka broker (up, down, status)",
+        "  stack            start / stop the local Kafka broker or (--flink) a Flink cluster (up, down, status)",
         "",
         "`headrace run PIPELINE --help` lists a pipeline's flags; likewise for train.",
     ]
