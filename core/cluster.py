@@ -191,15 +191,15 @@ def place_local(mesh, value, batch_dim: str = "batch"):
 
 
 def gather(mesh, structure, batch_dim: str = "batch"):
-    """Every client's host batch, all-gathered along dimension 0 in client order, as numpy (a nested
-    structure of dense arrays; the same on every client afterwards)."""
+    """Every client's host batch, all-gathered along dimension 0 in client order: a nested structure of
+    dense eager tensors on the host, the same on every client afterwards (what a reader would yield)."""
     import tensorflow as tf
     from tensorflow.experimental import dtensor
 
     def one(value):
         placed = place_local(mesh, value, batch_dim)
         full = dtensor.relayout(placed, dtensor.Layout.replicated(mesh, placed.shape.rank))
-        return dtensor.unpack(full)[0].numpy()
+        return dtensor.unpack(full)[0]
 
     for leaf in tf.nest.flatten(structure):
         if isinstance(leaf, tf.RaggedTensor | tf.SparseTensor):

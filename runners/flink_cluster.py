@@ -16,7 +16,7 @@ Pipelines run on it as on any remote Flink: a Beam job server submits to the Job
 (``apache_beam.runners.worker.worker_pool_main``) starts on request, ``--environment_type=EXTERNAL
 --environment_config=127.0.0.1:POOL``, not in the submitting process (LOOPBACK). `FlinkCluster.beam_args`
 are those flags. Checkpoints go to a file system state backend under the cluster's work directory; a
-restart strategy of fixed delay lets a job survive a TaskManager that dies (`kill_taskmanager`).
+restart strategy of fixed delay lets a job survive a TaskManager that dies.
 
 The TaskManagers have the job-server jar on their class path and the job server submits the same jar as
 the job's: Flink's default child-first class loading then split Beam's vendored gRPC between two class
@@ -43,7 +43,7 @@ from pathlib import Path
 from headrace.runners import jars
 from headrace.runners.stack import StackError, _alive, _listening, _tail, free_port
 
-__all__ = ["FlinkCluster", "flink_cluster", "kill_taskmanager", "overview", "start_cluster", "stop_cluster"]
+__all__ = ["FlinkCluster", "flink_cluster", "overview", "start_cluster", "stop_cluster"]
 
 _log = logging.getLogger(__name__)
 
@@ -143,12 +143,6 @@ def overview(cluster: FlinkCluster, timeout: float = 5.0) -> dict:
         return json.loads(r.read())
 
 
-def jobs(cluster: FlinkCluster, timeout: float = 5.0) -> list[dict]:
-    """``[{"id", "status"}]`` of every job the cluster knows."""
-    with urllib.request.urlopen(f"http://{cluster.master}/jobs", timeout=timeout) as r:
-        return json.loads(r.read())["jobs"]
-
-
 def _taskmanager_command(jar: str, conf: Path) -> list[str]:
     return [_java(), *_TM_JVM, "-cp", jar, "org.apache.flink.runtime.taskexecutor.TaskManagerRunner",
             "--configDir", str(conf)]  # fmt: skip
@@ -169,7 +163,6 @@ def start_cluster(
         _CONF.format(rest_port=rest, rpc_port=rpc, slots=slots, parallelism=taskmanagers * slots, work=work)
     )
     conf = work / "conf"
-    pids: dict[str, int] = {}
     procs: dict[str, subprocess.Popen] = {}
     entry = "org.apache.flink.runtime.entrypoint.StandaloneSessionClusterEntrypoint"
     procs["jobmanager"] = _spawn(
@@ -234,23 +227,6 @@ def stop_cluster(cluster: FlinkCluster, timeout: float = 20.0) -> None:
     order = sorted(cluster.pids, key=lambda n: (n == "jobmanager", n))
     for name in order:
         _terminate(cluster.pids[name], timeout)
-
-
-def kill_taskmanager(cluster: FlinkCluster, index: int) -> None:
-    """SIGKILLs TaskManager `index` (a machine lost: no clean shutdown)."""
-    pid = cluster.pids[f"taskmanager-{index}"]
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
-
-
-def restart_taskmanager(cluster: FlinkCluster, index: int) -> FlinkCluster:
-    """Starts TaskManager `index` again (a replacement machine); returns the cluster with its new pid."""
-    jar = str(jars.jar_path("flink-job-server"))
-    work = Path(cluster.workdir)
-    p = _spawn(f"taskmanager-{index}", _taskmanager_command(jar, work / "conf"), work)
-    return dataclasses.replace(cluster, pids={**cluster.pids, f"taskmanager-{index}": p.pid})
 
 
 @contextlib.contextmanager

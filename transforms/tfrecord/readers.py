@@ -76,7 +76,7 @@ def tfrecord_dataset(
 
         # This client's input streams (`headrace.core.cluster.Share`): each over its own files, with its
         # own seed and its part of the batch; a batch is their parts concatenated in stream order.
-        groups = share.files(files, f"{file_pattern}")
+        groups = share.files(files, str(file_pattern))
         part = share.batch(batch_size)
         streams = [
             _records(tf, group, compression, shuffle, shuffle_buffer, cluster.seed_of(seed, r), repeat,
