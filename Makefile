@@ -9,7 +9,7 @@ HEADRACE := $(VENV)/bin/headrace
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all jars lint format wheel lock bench-deps clean
+.PHONY: install media-deps demo test test-all jars lint format wheel lock bench-deps clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,17 +18,24 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# espeak-ng speaks the omni path's test and demo speech (a Debian package: installed when missing and
+# the user may; the omni tests skip, saying so, where it is absent).
+media-deps:
+	@command -v espeak-ng >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null; \
+	  else echo "make: espeak-ng is missing (apt-get install espeak-ng); the omni speech tests will skip"; fi; }
+
 jars: $(STAMP)
 	$(HEADRACE) jars fetch
 
-demo: $(STAMP)
+demo: $(STAMP) media-deps
 	$(HEADRACE) demo
 
 # Everything but tests marked slow; the real Flink tests are included.
-test: $(STAMP) jars
+test: $(STAMP) jars media-deps
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-all: $(STAMP) jars
+test-all: $(STAMP) jars media-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -34,10 +34,19 @@ from headrace.core import config as config_lib
 from headrace.core.errors import ConfigError, InputError
 from headrace.transforms.counting import CountAll, ReasonCounts, reconcile
 from headrace.transforms.io import Rejected, WriteJson, WriteJsonLines, match_files
+from headrace.transforms.packing import pack
 from headrace.transforms.textfiles import TextReader
 from headrace.transforms.tfrecord import Feature, FeatureSpec, WriteSpec, WriteTFRecordShards, output_dataset
 
-__all__ = ["TextIngestConfig", "build_text_ingest", "dataset", "pack", "read_document", "text_spec"]
+__all__ = [
+    "TextIngestConfig",
+    "build_text_ingest",
+    "dataset",
+    "learn_vocabulary",
+    "pack",
+    "read_document",
+    "text_spec",
+]
 
 TOKENIZER = "tokenizer.model"
 
@@ -112,8 +121,6 @@ def _hash(text: str) -> float:
 
 def train_tokenizer(files: list[str], config: TextIngestConfig) -> bytes:
     """A SentencePiece model (its serialized proto) learned on a sample of the documents."""
-    import sentencepiece as spm
-
     sample, size = [], 0
     for path in sorted(files, key=_hash):  # a fixed pseudo-random order: the sample is reproducible
         doc = read_document(path)
@@ -124,12 +131,21 @@ def train_tokenizer(files: list[str], config: TextIngestConfig) -> bytes:
                 break
     if not sample:
         raise InputError(f"--input {config.input}: no readable text to learn a vocabulary from")
+    lines = (line for doc in sample for line in doc.splitlines() if line.strip())
+    return learn_vocabulary(lines, config.vocab_size, source=f"--input {config.input}")
+
+
+def learn_vocabulary(sentences, vocab_size: int, *, source: str) -> bytes:
+    """A SentencePiece unigram model (its serialized proto: pad 0, unk 1, eos 2, no bos) learned on
+    `sentences`; `InputError` naming `source` when it cannot be learned."""
+    import sentencepiece as spm
+
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(line for doc in sample for line in doc.splitlines() if line.strip()),
+            sentence_iterator=iter(sentences),
             model_writer=model,
-            vocab_size=config.vocab_size,
+            vocab_size=vocab_size,
             model_type="unigram",
             pad_id=0,
             unk_id=1,
@@ -141,41 +157,8 @@ def train_tokenizer(files: list[str], config: TextIngestConfig) -> bytes:
             hard_vocab_limit=False,  # a small corpus may not hold vocab_size pieces
         )
     except RuntimeError as exc:
-        raise InputError(
-            f"--input {config.input}: SentencePiece could not learn a vocabulary ({exc})"
-        ) from None
+        raise InputError(f"{source}: SentencePiece could not learn a vocabulary ({exc})") from None
     return model.getvalue()
-
-
-def pack(documents, seq_len: int):
-    """Rows ``{"tokens", "segment_ids", "positions"}`` (each [seq_len] int64) from token-id lists, in
-    order (see the module docstring)."""
-    tokens = np.zeros(seq_len, np.int64)
-    segments = np.zeros(seq_len, np.int64)
-    positions = np.zeros(seq_len, np.int64)
-    used, segment = 0, 0
-
-    def row():
-        return {"tokens": tokens.copy(), "segment_ids": segments.copy(), "positions": positions.copy()}
-
-    for ids in documents:
-        ids = np.asarray(ids, np.int64)
-        if used and used + len(ids) > seq_len:  # does not fit: close the row
-            yield row()
-            tokens[:], segments[:], positions[:], used, segment = 0, 0, 0, 0, 0
-        start = 0
-        while start < len(ids):
-            take = min(seq_len - used, len(ids) - start)
-            segment += 1
-            tokens[used : used + take] = ids[start : start + take]
-            segments[used : used + take] = segment
-            positions[used : used + take] = np.arange(take)
-            used, start = used + take, start + take
-            if used == seq_len:
-                yield row()
-                tokens[:], segments[:], positions[:], used, segment = 0, 0, 0, 0, 0
-    if used:
-        yield row()
 
 
 # -------------------------------------------------------------------------------------------------

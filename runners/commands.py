@@ -71,6 +71,14 @@ PIPELINES = {
         ),
         Command(
             "run",
+            "omni-ingest",
+            "headrace.pipelines.omni",
+            "build_omni_ingest",
+            "omni-ingest",
+            "text, audio, image and video examples -> learned codebooks and one packed, interleaved token stream",
+        ),
+        Command(
+            "run",
             "image-ingest",
             "headrace.pipelines.images",
             "build_image_ingest",
