@@ -255,6 +255,25 @@ class Transformer(tf.Module):
         shape = (batch, c.heads, length, c.head_dim)
         return [{"k": tf.zeros(shape), "v": tf.zeros(shape)} for _ in self.blocks]
 
+    def prefill(self, tokens):
+        """A prompt in one pass (one document per row, unsharded): `tokens` [b, n] -> (logits [b, n, vocab]
+        of each next token, a cache of `n` positions holding the prompt's keys and values), the same as
+        `decode` over positions 0..n-1 one at a time. A prompt padded at its end to the cache's length
+        gives the real positions the same logits and keys (the mask is causal): one trace serves every
+        prompt length."""
+        tokens = tf.cast(tokens, tf.int32)
+        index = tf.cumsum(tf.ones_like(tokens), axis=1) - 1  # [b, n]
+        mask = tf.expand_dims(tf.expand_dims(index, 2) >= tf.expand_dims(index, 1), 1)  # [b, 1, q, k]
+        x = self._embed(tokens, index)
+        cache = []
+        for block in self.blocks:
+            h = self._norm(x, block["norm1"], block.get("bias1"))
+            q, k, v = self._qkv(block, h, index)
+            cache.append({"k": k, "v": v})
+            x += tf.einsum("bhqd,hdm->bqm", self._attend(block, q, k, v, mask), block["wo"])
+            x += self._ffn(block, self._norm(x, block["norm2"], block.get("bias2")))
+        return self._logits(x), cache
+
     def decode(self, token, index, cache):
         """One step of generation (one document per row, unsharded): `token` [b] at position `index` (a
         scalar) -> (logits [b, vocab] of the next token, the cache with this position's keys and values)."""

@@ -133,6 +133,14 @@ TRAINERS = {
         ),
         Command(
             "train",
+            "omni",
+            "headrace.runners.train_omni",
+            "train_and_evaluate",
+            "omni",
+            "the talking-heads decoder on omni-ingest streams: one vocabulary over text, audio and image codes",
+        ),
+        Command(
+            "train",
             "resnet",
             "headrace.runners.train_resnet",
             "train_and_evaluate",
@@ -191,6 +199,14 @@ GENERATORS = {
             "generate",
             "lm-generate",
             "text from a trained lm, a token at a time with a key-value cache",
+        ),
+        Command(
+            "generate",
+            "omni",
+            "headrace.runners.generate_omni",
+            "generate",
+            "omni-generate",
+            "a trained omni model answers a spoken, written or pictured prompt in text, audio or an image",
         ),
     ]
 }

@@ -24,7 +24,7 @@ from headrace.models.transformer import Transformer, TransformerConfig
 from headrace.pipelines import text
 from headrace.runners.train_lm import WEIGHTS
 
-__all__ = ["GenerateConfig", "generate", "load_model"]
+__all__ = ["GenerateConfig", "generate", "load_model", "load_transformer"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,19 +42,25 @@ def lm_generate() -> GenerateConfig:
     return GenerateConfig()
 
 
-def load_model(directory: str) -> tuple[Transformer, object]:
-    """The trained Transformer (unsharded, plain variables) and its SentencePiece tokenizer."""
-    import sentencepiece as spm
-
+def load_transformer(directory: str, *, kind: str = "train lm") -> Transformer:
+    """The Transformer a trainer wrote (``weights.npz`` and its config in metrics.json), unsharded."""
     root = Path(directory)
     if not (root / WEIGHTS).is_file() or not (root / "metrics.json").is_file():
-        raise InputError(f"--model {directory}: no {WEIGHTS} / metrics.json (is it a `train lm` output?)")
+        raise InputError(f"--model {directory}: no {WEIGHTS} / metrics.json (is it a `{kind}` output?)")
     config = TransformerConfig(**json.loads((root / "metrics.json").read_text())["model"])
     model = Transformer(config)
     weights = np.load(root / WEIGHTS)
     for w in model.weights:
         w.assign(weights[w.name.split(":")[0]])
-    return model, spm.SentencePieceProcessor(model_file=str(root / text.TOKENIZER))
+    return model
+
+
+def load_model(directory: str) -> tuple[Transformer, object]:
+    """The trained Transformer (unsharded, plain variables) and its SentencePiece tokenizer."""
+    import sentencepiece as spm
+
+    model = load_transformer(directory)
+    return model, spm.SentencePieceProcessor(model_file=str(Path(directory) / text.TOKENIZER))
 
 
 def generate(config: GenerateConfig) -> dict:

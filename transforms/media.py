@@ -81,12 +81,12 @@ def read_wav(data: bytes) -> tuple[np.ndarray, int]:
     return x, int(rate)
 
 
-def write_wav(path: str | os.PathLike, samples: np.ndarray, rate: int) -> None:
-    """16-bit PCM mono."""
+def write_wav(target, samples: np.ndarray, rate: int) -> None:
+    """16-bit PCM mono, to a path or a binary file object."""
     from scipy.io import wavfile
 
     pcm = np.clip(np.asarray(samples, np.float32), -1.0, 1.0)
-    wavfile.write(str(path), rate, (pcm * 32767).astype(np.int16))
+    wavfile.write(target if hasattr(target, "write") else str(target), rate, (pcm * 32767).astype(np.int16))
 
 
 def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:

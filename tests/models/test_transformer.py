@@ -79,6 +79,27 @@ def test_decoding_with_the_cache_equals_the_full_forward_pass(variant):
         np.testing.assert_allclose(logits.numpy(), full[:, i], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("variant", [{}, {"positions": "learned", "norm": "layer", "activation": "gelu"}])
+def test_prefill_equals_decoding_the_prompt_a_token_at_a_time(variant):
+    model = Transformer(dataclasses.replace(SMALL, **variant))
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(1, SMALL.vocab_size, size=(2, 7)).astype(np.int32)
+    padded = np.concatenate([tokens, rng.integers(1, SMALL.vocab_size, size=(2, 5))], axis=1)  # to 12
+    logits, filled = model.prefill(padded)
+    cache = model.init_cache(2, 12)
+    for i in range(7):
+        step_logits, cache = model.decode(tokens[:, i], i, cache)
+        np.testing.assert_allclose(logits[:, i].numpy(), step_logits.numpy(), rtol=0, atol=1e-5)
+    for ours, theirs in zip(filled, cache):  # the prompt's keys and values; the padding's are never read
+        for name in ("k", "v"):
+            np.testing.assert_allclose(ours[name][:, :, :7].numpy(), theirs[name][:, :, :7].numpy(), atol=1e-5)
+    # Decoding on from the prefilled cache gives what decoding on from the stepped one gives.
+    nxt = rng.integers(1, SMALL.vocab_size, size=2)
+    a, _ = model.decode(nxt, 7, filled)
+    b, _ = model.decode(nxt, 7, cache)
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=0, atol=1e-5)
+
+
 def _grads(model, inputs, place):
     @tf.function  # as the training loop runs it (DTensor places the step's constants on the mesh)
     def step(*placed):
