@@ -296,12 +296,12 @@ class _SumCounts(beam.CombineFn):
 
 def _write_codebooks(_, audio: dict, image: dict, path: str) -> str:
     buffer = io.BytesIO()
-    np.savez(
+    np.savez(  # float64, as the pipeline assigned codes with them: a prompt gets the codes ingest gave
         buffer,
-        audio=np.asarray(audio["centroids"], np.float32),
-        image=np.asarray(image["centroids"], np.float32),
-        audio_init=np.asarray(audio["init"], np.float32),
-        image_init=np.asarray(image["init"], np.float32),
+        audio=np.asarray(audio["centroids"], np.float64),
+        image=np.asarray(image["centroids"], np.float64),
+        audio_init=np.asarray(audio["init"], np.float64),
+        image_init=np.asarray(image["init"], np.float64),
     )
     with FileSystems.create(path) as f:
         f.write(buffer.getvalue())
@@ -333,9 +333,9 @@ def _report(counts, reasons, tokens, parts, audio, image, config: OmniIngestConf
     return report
 
 
-def _reason(rejected: Rejected) -> str:
+def _reason(reason: str) -> str:
     """"part 2 audio 'x.wav': not a WAV file (...)" -> "not a WAV file"."""
-    return reason_kind(rejected.reason.split(": ", 1)[-1])
+    return reason_kind(reason.split(": ", 1)[-1])
 
 
 def _text_sample(lines, limit_bytes: int = 20_000_000) -> list[str]:

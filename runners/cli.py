@@ -296,7 +296,7 @@ def _train(name: str, argv: Sequence[str], table=commands.TRAINERS) -> int:
         if not n:
             raise ConfigError("--num-clients > 1 needs a mesh (--mesh) to share")
         cluster.initialize(mesh_lib.default_device_type(n))
-    if not getattr(config, "output", "x"):
+    if command.verb != "generate" and not getattr(config, "output", "x"):  # a generator's is optional
         raise ConfigError("--output is required")
     try:
         result = command.load()(config)

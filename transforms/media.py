@@ -64,6 +64,9 @@ def read_wav(data: bytes) -> tuple[np.ndarray, int]:
         raise MediaError("empty file")
     if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
         raise MediaError("not a WAV file (no RIFF/WAVE header)")
+    declared = int.from_bytes(data[4:8], "little") + 8
+    if declared > len(data) and declared < 0xFFFFFFF0:  # streaming writers leave 0xFFFFFFFF: unknown
+        raise MediaError(f"corrupt WAV file: truncated ({len(data)} of the {declared} bytes its header declares)")
     try:
         rate, samples = wavfile.read(io.BytesIO(data))
     except (ValueError, EOFError, OSError) as exc:
