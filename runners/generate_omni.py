@@ -161,6 +161,8 @@ class Responder:
         seconds = time.perf_counter() - start
         result = {
             "respond_with": kind,
+            "prompt": prompt,
+            "min_tokens": at_least,
             "prompt_tokens": len(prompt),
             "tokens": len(out),
             "ids": out,
@@ -198,7 +200,7 @@ class Responder:
         if config.prompt_image:
             prompt = self.tokens.image(Path(config.prompt_image).read_bytes())
             Image.fromarray(self.tokens.decode_image(prompt)).save(out / "prompt.png")
-        (out / "result.json").write_text(json.dumps({k: v for k, v in result.items() if k != "ids"}, indent=2))
+        (out / "result.json").write_text(json.dumps({k: v for k, v in result.items() if k not in ("ids", "prompt")}, indent=2))
 
 
 def generate(config: OmniGenerateConfig) -> dict:
@@ -216,4 +218,4 @@ def generate(config: OmniGenerateConfig) -> dict:
     print(file=sys.stdout)
     if config.output:
         responder.write(result, config)
-    return result
+    return {k: v for k, v in result.items() if k not in ("ids", "prompt")}
