@@ -79,7 +79,8 @@ def dataset(out: str, split: str, batch_size: int, **kwargs):
 @dataclasses.dataclass(frozen=True)
 class OmniIngestConfig:
     input: str = dataclasses.field(
-        default="", metadata={"help": "manifest.jsonl: one example per line, a list of parts", "required": True}
+        default="",
+        metadata={"help": "manifest.jsonl: one example per line, a list of parts", "required": True},
     )
     output: str = dataclasses.field(
         default="", metadata={"help": "output folder (or gs:// prefix)", "required": True}
@@ -133,7 +134,7 @@ def parse_line(text: str) -> list[tuple[str, str]]:
     for k, part in enumerate(parts, 1):
         if not isinstance(part, dict) or len(part) != 1 or next(iter(part)) not in MODALITIES:
             raise PartError(f"part {k}: not one of {', '.join(MODALITIES)}: {json.dumps(part)[:80]}")
-        (kind, item), = part.items()  # fmt: skip
+        ((kind, item),) = part.items()
         if not isinstance(item, str) or not item:
             raise PartError(f"part {k} {kind}: expected a non-empty string")
         out.append((kind, item))
@@ -158,7 +159,7 @@ def _local(path: str, stack) -> str:
     """A local path of `path` (a remote file is copied into a temporary one; ffmpeg reads files)."""
     if "://" not in path:
         return path
-    tmp = stack.enter_context(tempfile.NamedTemporaryFile(suffix=os.path.splitext(path)[1]))
+    tmp = stack.enter_context(tempfile.NamedTemporaryFile(suffix=os.path.splitext(path)[1]))  # noqa: SIM115
     with FileSystems.open(path) as f:
         tmp.write(f.read())
     tmp.flush()
@@ -182,7 +183,7 @@ def decode_part(kind: str, item: str, root: str, media: Media):
                 return media.video(_local(path, stack))
         with FileSystems.open(path) as f:
             data = f.read()
-    except (FileNotFoundError, OSError, IOError) as exc:
+    except (FileNotFoundError, OSError) as exc:
         raise MediaError(f"missing or unreadable file ({type(exc).__name__})") from None
     except Exception as exc:  # Beam's filesystems wrap a missing file in their own errors
         if "not found" in str(exc).lower() or "no such file" in str(exc).lower():
@@ -217,7 +218,9 @@ class _Decode(beam.DoFn):
                 except MediaError as exc:
                     raise PartError(f"part {k} {kind} {item!r}: {exc}") from None
         except PartError as exc:
-            yield beam.pvalue.TaggedOutput(self.REJECTED, Rejected(self._manifest, number, str(exc), text[:300]))
+            yield beam.pvalue.TaggedOutput(
+                self.REJECTED, Rejected(self._manifest, number, str(exc), text[:300])
+            )
             return
         for kind, _ in decoded:
             self._parts[kind].inc()
@@ -308,7 +311,9 @@ def _write_codebooks(_, audio: dict, image: dict, path: str) -> str:
     return path
 
 
-def _report(counts, reasons, tokens, parts, audio, image, config: OmniIngestConfig, vocab: Vocabulary) -> dict:
+def _report(
+    counts, reasons, tokens, parts, audio, image, config: OmniIngestConfig, vocab: Vocabulary
+) -> dict:
     rows = counts["train_rows"] + counts["eval_rows"]
     total = sum(tokens.values())
     report = {
@@ -324,7 +329,10 @@ def _report(counts, reasons, tokens, parts, audio, image, config: OmniIngestConf
         "packing_efficiency": round(total / (rows * config.seq_len), 4) if rows else None,
         "vocab_size": vocab.size,
         "codebooks": {
-            name: {"codes": len(state["centroids"]), "inertia": [round(float(i), 2) for i in state["inertia"]]}
+            name: {
+                "codes": len(state["centroids"]),
+                "inertia": [round(float(i), 2) for i in state["inertia"]],
+            }
             for name, state in (("audio", audio), ("image", image))
         },
         "rejected_reasons": reasons,
@@ -334,7 +342,7 @@ def _report(counts, reasons, tokens, parts, audio, image, config: OmniIngestConf
 
 
 def _reason(reason: str) -> str:
-    """"part 2 audio 'x.wav': not a WAV file (...)" -> "not a WAV file"."""
+    """ "part 2 audio 'x.wav': not a WAV file (...)" -> "not a WAV file"."""
     return reason_kind(reason.split(": ", 1)[-1])
 
 
@@ -357,7 +365,12 @@ def _text_sample(lines, limit_bytes: int = 20_000_000) -> list[str]:
 def build_omni_ingest(pipeline: beam.Pipeline, config: OmniIngestConfig) -> dict:
     if not config.input:
         raise ConfigError("--input is required")
-    if config.seq_len < 8 or config.codebook_size < 2 or config.shards < 1 or not 0 <= config.eval_fraction < 1:
+    if (
+        config.seq_len < 8
+        or config.codebook_size < 2
+        or config.shards < 1
+        or not 0 <= config.eval_fraction < 1
+    ):
         raise ConfigError("--seq-len >= 8, --codebook-size >= 2, --shards >= 1, --eval-fraction in [0, 1)")
     media = media_of(config)
     try:
@@ -390,7 +403,8 @@ def build_omni_ingest(pipeline: beam.Pipeline, config: OmniIngestConfig) -> dict
         pipeline
         | "ManifestLines" >> beam.Create(lines)
         | "Spread" >> beam.Reshuffle()
-        | "Decode" >> beam.ParDo(_Decode(config.input, media, config.eval_fraction)).with_outputs(
+        | "Decode"
+        >> beam.ParDo(_Decode(config.input, media, config.eval_fraction)).with_outputs(
             _Decode.REJECTED, main="examples"
         )
     )
@@ -415,7 +429,9 @@ def build_omni_ingest(pipeline: beam.Pipeline, config: OmniIngestConfig) -> dict
         | "Once" >> beam.Create([None])
         | "WriteCodebooks" >> beam.Map(_write_codebooks, audio, image, f"{out}/{CODEBOOKS}")
     )
-    tokenized = examples | "Tokenize" >> beam.ParDo(_Tokenize(model_path, vocab, config, eval_shards), audio, image)
+    tokenized = examples | "Tokenize" >> beam.ParDo(
+        _Tokenize(model_path, vocab, config, eval_shards), audio, image
+    )
     rows = (
         tokenized
         | "ByShard" >> beam.GroupByKey()
@@ -434,8 +450,10 @@ def build_omni_ingest(pipeline: beam.Pipeline, config: OmniIngestConfig) -> dict
         "train_rows": rows.train,
         "eval_rows": rows.eval,
     } | "Counts" >> CountAll()
-    tokens = tokenized | "TokenCounts" >> beam.Map(lambda kv: kv[1][2]) | "SumTokens" >> beam.CombineGlobally(
-        _SumCounts()
+    tokens = (
+        tokenized
+        | "TokenCounts" >> beam.Map(lambda kv: kv[1][2])
+        | "SumTokens" >> beam.CombineGlobally(_SumCounts())
     )
     parts = (
         examples

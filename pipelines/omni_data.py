@@ -66,8 +66,16 @@ def _crop(name: str, rng, size: int = 160):
     return image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
 
 
-def write_video(path: str | os.PathLike, name: str, wav: str | os.PathLike | None, *, seconds: float = 3.0,
-                fps: int = 8, size: int = 96, seed: int = 0) -> Path:  # fmt: skip
+def write_video(
+    path: str | os.PathLike,
+    name: str,
+    wav: str | os.PathLike | None,
+    *,
+    seconds: float = 3.0,
+    fps: int = 8,
+    size: int = 96,
+    seed: int = 0,
+) -> Path:
     """An MP4 panning across photograph `name` for `seconds`, with `wav` as its audio track (AAC)."""
     import imageio_ffmpeg
     from PIL import Image
@@ -79,10 +87,15 @@ def write_video(path: str | os.PathLike, name: str, wav: str | os.PathLike | Non
     x1, y1 = rng.integers(0, image.width - side + 1), rng.integers(0, image.height - side + 1)
     count = max(1, int(seconds * fps))
     writer = imageio_ffmpeg.write_frames(
-        str(path), (size, size), fps=fps, macro_block_size=16, ffmpeg_log_level="error",
-        audio_path=str(wav) if wav else None, audio_codec="aac" if wav else None,
+        str(path),
+        (size, size),
+        fps=fps,
+        macro_block_size=16,
+        ffmpeg_log_level="error",
+        audio_path=str(wav) if wav else None,
+        audio_codec="aac" if wav else None,
         output_params=["-shortest"] if wav else None,
-    )  # fmt: skip
+    )
     writer.send(None)
     for i in range(count):
         t = i / max(count - 1, 1)

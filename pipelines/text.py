@@ -27,7 +27,6 @@ import io
 import os
 
 import apache_beam as beam
-import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from headrace.core import config as config_lib

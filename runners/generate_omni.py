@@ -53,7 +53,8 @@ class OmniGenerateConfig:
         default=0, metadata={"help": "0: 48 for text, 150 (3 s) for audio, an image's patch count"}
     )
     min_tokens: int = dataclasses.field(
-        default=-1, metadata={"help": "tokens before the answer may end (-1: --first-audio-frames for audio, else 1)"}
+        default=-1,
+        metadata={"help": "tokens before the answer may end (-1: --first-audio-frames for audio, else 1)"},
     )
     temperature: float = 0.8
     seed: int = 0
@@ -81,7 +82,7 @@ class Responder:
         self.length = self.model.config.max_len
         self._prefill = tf.function(self.model.prefill)
         self._decode = tf.function(self.model.decode, reduce_retracing=True)
-        logits, cache = self._prefill(tf.zeros([1, self.length], tf.int32))  # trace both once
+        _logits, cache = self._prefill(tf.zeros([1, self.length], tf.int32))  # trace both once
         self._decode(tf.constant([0]), tf.constant(1), cache)
         # The audio front end's modules (scipy's WAV reader and resampler) are loaded here, not on the
         # first prompt's clock: 0.5 s of imports, measured.
@@ -122,7 +123,9 @@ class Responder:
         except MediaError as exc:
             raise InputError(f"prompt: {exc}") from None
         prompt.append(self.vocab.begin(kind))
-        limit = config.max_tokens or {"text": 48, "audio": 150, "image": self.vocab.media.patches_per_image}[kind]
+        limit = (
+            config.max_tokens or {"text": 48, "audio": 150, "image": self.vocab.media.patches_per_image}[kind]
+        )
         if kind == "image":
             limit = min(limit, self.vocab.media.patches_per_image)
         if len(prompt) + limit > self.length:
@@ -134,7 +137,11 @@ class Responder:
         logits, cache = self._prefill(tf.constant(padded))
         logits = logits[:, len(prompt) - 1]
         mask = self.allowed(kind)
-        at_least = config.min_tokens if config.min_tokens >= 0 else (config.first_audio_frames if kind == "audio" else 1)
+        at_least = (
+            config.min_tokens
+            if config.min_tokens >= 0
+            else (config.first_audio_frames if kind == "audio" else 1)
+        )
         rng = np.random.default_rng(config.seed)
         out, first, first_audio, position = [], None, None, len(prompt)
         for _ in range(limit):
@@ -168,7 +175,9 @@ class Responder:
             "ids": out,
             "time_to_first_token_s": round(first if first is not None else seconds, 4),
             "seconds": round(seconds, 4),
-            "tokens_per_sec": round(len(out) / (seconds - first), 1) if len(out) > 1 and seconds > first else None,
+            "tokens_per_sec": round(len(out) / (seconds - first), 1)
+            if len(out) > 1 and seconds > first
+            else None,
         }
         if kind == "audio":
             result["time_to_first_audio_s"] = round(first_audio, 4) if first_audio is not None else None
@@ -200,7 +209,9 @@ class Responder:
         if config.prompt_image:
             prompt = self.tokens.image(Path(config.prompt_image).read_bytes())
             Image.fromarray(self.tokens.decode_image(prompt)).save(out / "prompt.png")
-        (out / "result.json").write_text(json.dumps({k: v for k, v in result.items() if k not in ("ids", "prompt")}, indent=2))
+        (out / "result.json").write_text(
+            json.dumps({k: v for k, v in result.items() if k not in ("ids", "prompt")}, indent=2)
+        )
 
 
 def generate(config: OmniGenerateConfig) -> dict:

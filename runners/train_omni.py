@@ -57,7 +57,9 @@ class OmniTask(LMTask):
         loop.Task.__init__(self, config)
         root = Path(config.data)
         if not (root / VOCAB).is_file():
-            raise InputError(f"--data {config.data}: no {VOCAB} (is it the output of `headrace run omni-ingest`?)")
+            raise InputError(
+                f"--data {config.data}: no {VOCAB} (is it the output of `headrace run omni-ingest`?)"
+            )
         self.vocab = Vocabulary.from_json(json.loads((root / VOCAB).read_text()))
         if config.d_model % config.heads:
             raise InputError(f"--d-model {config.d_model} is not a multiple of --heads {config.heads}")
@@ -83,9 +85,15 @@ class OmniTask(LMTask):
     def dataset(self, epoch: int):
         c = self.config
         return omni.dataset(
-            c.data, "train", c.batch_size, shuffle=True, seed=c.seed, repeat=True, drop_remainder=True,
+            c.data,
+            "train",
+            c.batch_size,
+            shuffle=True,
+            seed=c.seed,
+            repeat=True,
+            drop_remainder=True,
             share=cluster.input_share(c),
-        )  # fmt: skip
+        )
 
     def _place_eval(self, batch):
         return (*self._place(batch), self._place_one(batch["modalities"]))

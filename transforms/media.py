@@ -66,7 +66,9 @@ def read_wav(data: bytes) -> tuple[np.ndarray, int]:
         raise MediaError("not a WAV file (no RIFF/WAVE header)")
     declared = int.from_bytes(data[4:8], "little") + 8
     if declared > len(data) and declared < 0xFFFFFFF0:  # streaming writers leave 0xFFFFFFFF: unknown
-        raise MediaError(f"corrupt WAV file: truncated ({len(data)} of the {declared} bytes its header declares)")
+        raise MediaError(
+            f"corrupt WAV file: truncated ({len(data)} of the {declared} bytes its header declares)"
+        )
     try:
         rate, samples = wavfile.read(io.BytesIO(data))
     except (ValueError, EOFError, OSError) as exc:
@@ -282,7 +284,6 @@ class Media:
         if os.path.isdir(path):
             return self._frame_folder(Path(path))
         import imageio_ffmpeg
-
         from PIL import Image
 
         frames = []

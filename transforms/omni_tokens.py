@@ -44,7 +44,7 @@ __all__ = [
 
 MODALITIES = ("text", "audio", "image", "video")
 MODALITY_ID = {"text": 1, "audio": 2, "image": 3, "video": 4}
-SPECIALS = tuple(f"<{t}{m}>" for m in MODALITIES for t in ("", "/")) + ("<frame>", "<end>")
+SPECIALS = (*tuple(f"<{t}{m}>" for m in MODALITIES for t in ("", "/")), "<frame>", "<end>")
 VOCAB, TOKENIZER, CODEBOOKS = "vocab.json", "tokenizer.model", "codebooks.npz"
 
 
@@ -88,8 +88,12 @@ class Vocabulary:
             "size": self.size,
             "text_size": self.text_size,
             "codebook_size": self.codebook_size,
-            "offsets": {"text": 0, "specials": self.text_size, "audio": self.audio_offset,
-                        "image": self.image_offset},  # fmt: skip
+            "offsets": {
+                "text": 0,
+                "specials": self.text_size,
+                "audio": self.audio_offset,
+                "image": self.image_offset,
+            },
             "specials": {name: self.special(name) for name in SPECIALS},
             "modality_ids": MODALITY_ID,
             "media": dataclasses.asdict(self.media),

@@ -26,16 +26,22 @@ def pack(documents: Iterable, seq_len: int):
     used, segment = 0, 0
 
     def row():
-        return {**{k: v.copy() for k, v in columns.items()}, "segment_ids": segments.copy(),
-                "positions": positions.copy()}  # fmt: skip
+        return {
+            **{k: v.copy() for k, v in columns.items()},
+            "segment_ids": segments.copy(),
+            "positions": positions.copy(),
+        }
 
     def clear():
         for v in (*columns.values(), segments, positions):
             v[:] = 0
 
     for doc in documents:
-        doc = {k: np.asarray(v, np.int64) for k, v in doc.items()} if isinstance(doc, Mapping) else {
-            "tokens": np.asarray(doc, np.int64)}  # fmt: skip
+        doc = (
+            {k: np.asarray(v, np.int64) for k, v in doc.items()}
+            if isinstance(doc, Mapping)
+            else {"tokens": np.asarray(doc, np.int64)}
+        )
         if columns is None:
             columns = {k: np.zeros(seq_len, np.int64) for k in doc}
         n = len(doc["tokens"])

@@ -92,7 +92,9 @@ def test_prefill_equals_decoding_the_prompt_a_token_at_a_time(variant):
         np.testing.assert_allclose(logits[:, i].numpy(), step_logits.numpy(), rtol=0, atol=1e-5)
     for ours, theirs in zip(filled, cache):  # the prompt's keys and values; the padding's are never read
         for name in ("k", "v"):
-            np.testing.assert_allclose(ours[name][:, :, :7].numpy(), theirs[name][:, :, :7].numpy(), atol=1e-5)
+            np.testing.assert_allclose(
+                ours[name][:, :, :7].numpy(), theirs[name][:, :, :7].numpy(), atol=1e-5
+            )
     # Decoding on from the prefilled cache gives what decoding on from the stepped one gives.
     nxt = rng.integers(1, SMALL.vocab_size, size=2)
     a, _ = model.decode(nxt, 7, filled)

@@ -78,7 +78,9 @@ def test_counts_reconcile_and_damaged_files_reject_their_example(ingested):
     assert report["parts"] == {m: kinds[m] for m in MODALITY_ID} and kinds["video"] == 2
     assert sum(report["rejected_reasons"].values()) == len(DAMAGED)
     rejected = [
-        json.loads(line) for f in (root / "out" / "rejected").glob("*.jsonl") for line in f.read_text().splitlines()
+        json.loads(line)
+        for f in (root / "out" / "rejected").glob("*.jsonl")
+        for line in f.read_text().splitlines()
     ]
     by_text = {r["text"]: r for r in rejected}
     for line, reason in DAMAGED.items():
@@ -119,13 +121,15 @@ def test_modality_order_and_boundaries_survive_ingest(ingested):
                 signature.append((kind, media.patches_per_image))
             else:
                 video = media.video(str(path))
-                signature.append((kind, len(video.frames) * (1 + media.patches_per_image) + sum(map(len, video.audio))))
+                signature.append(
+                    (kind, len(video.frames) * (1 + media.patches_per_image) + sum(map(len, video.audio)))
+                )
         expected[tuple(signature)] += 1
     assert got == expected
 
 
 def test_packing_keeps_examples_apart(ingested):
-    root, good, config = ingested
+    root, good, _config = ingested
     rows = _rows(root / "out")
     examples = _examples(rows)
     assert len(examples) == len(good)  # each example is one segment: none split, none merged
@@ -145,7 +149,9 @@ def _rows_of(root, good, kind):
         for part, item in parse_line(line):
             path = root / "in" / item
             if part == kind:
-                out.append(media.audio(path.read_bytes()) if kind == "audio" else media.patches(path.read_bytes()))
+                out.append(
+                    media.audio(path.read_bytes()) if kind == "audio" else media.patches(path.read_bytes())
+                )
             elif part == "video":
                 v = media.video(str(path))
                 out += v.frames if kind == "image" else [a for a in v.audio if len(a)]

@@ -26,7 +26,9 @@ def trained(tmp_path_factory):
     data = root / "data"
     run_pipeline(
         build_omni_ingest,
-        OmniIngestConfig(input=str(manifest), output=str(data), seq_len=256, codebook_size=32, eval_fraction=0.2),
+        OmniIngestConfig(
+            input=str(manifest), output=str(data), seq_len=256, codebook_size=32, eval_fraction=0.2
+        ),
     )
     model = root / "model"
     argv = ["train", "omni", "--data", str(data), "--output", str(model), "--mesh", "batch=4,model=2"]
@@ -51,7 +53,7 @@ def test_omni_trains_on_the_mesh_with_one_table_and_reports_each_modality(traine
 
 
 def test_a_text_ingest_output_is_refused_by_name(tmp_path, trained, capsys):
-    _, data, _ = trained
+    _, _data, _ = trained
     argv = ["train", "omni", "--data", str(tmp_path), "--output", str(tmp_path / "m"), "--mesh", ""]
     assert cli.main([*argv, "--steps", "1"]) == 1
     assert "no vocab.json" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import tempfile
@@ -23,7 +24,9 @@ def _blocks(seed: int = 0, blocks: int = 12) -> list[tuple[str, np.ndarray]]:
     out = []
     for b in range(blocks):
         n = int(rng.integers(3, 60))
-        out.append((f"block{b:02d}", (centres[rng.integers(5, size=n)] + rng.normal(size=(n, 6))).astype(np.float32)))
+        out.append(
+            (f"block{b:02d}", (centres[rng.integers(5, size=n)] + rng.normal(size=(n, 6))).astype(np.float32))
+        )
     return out
 
 
@@ -49,7 +52,7 @@ def test_the_beam_combine_equals_numpy_lloyd_from_the_same_seeds():
     centroids, inertia = lloyd(rows, state["init"], 6)
     np.testing.assert_allclose(state["centroids"], centroids, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(state["inertia"], inertia, rtol=1e-9)
-    assert all(a >= b for a, b in zip(inertia, inertia[1:]))  # Lloyd never raises the inertia
+    assert all(a >= b for a, b in itertools.pairwise(inertia))  # Lloyd never raises the inertia
     assert inertia[-1] < 0.8 * inertia[0]
 
 
