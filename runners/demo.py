@@ -42,6 +42,8 @@ class Sizes:
     resnet_epochs: int = 6
     resnet_width: int = 32
     lm_steps: int = 150
+    omni_repeats: int = 2
+    omni_steps: int = 150
 
 
 FULL = Sizes()
@@ -58,6 +60,8 @@ SMALL = Sizes(
     resnet_epochs=1,
     resnet_width=8,
     lm_steps=10,
+    omni_repeats=1,
+    omni_steps=10,
 )
 
 
@@ -322,6 +326,56 @@ def _lm(workdir: Path, sizes: Sizes) -> tuple[str, str]:
     )
 
 
+def _omni(workdir: Path, sizes: Sizes) -> tuple[str, str]:
+    """Speech, photographs and videos made here -> one token stream -> the talking-heads decoder -> a
+    spoken question answered in text, audio (answer.wav) and a picture (answer.png)."""
+    import contextlib
+    import io
+
+    from headrace.pipelines.omni import OmniIngestConfig, build_omni_ingest
+    from headrace.pipelines.omni_data import espeak_available, write_manifest
+    from headrace.runners.beam_runner import run_pipeline
+    from headrace.runners.generate_omni import OmniGenerateConfig, generate
+    from headrace.runners.train_omni import OmniTrainConfig, train_and_evaluate
+
+    title = "omni-ingest + train omni + generate (talking-heads)"
+    if not espeak_available():
+        return title, "skipped: espeak-ng is not installed (make media-deps)"
+    manifest = write_manifest(workdir / "omni-media", repeats=sizes.omni_repeats, videos=2)
+    config = OmniIngestConfig(
+        input=str(manifest), output=str(workdir / "omni"), codebook_size=128, seq_len=256
+    )
+    result = run_pipeline(build_omni_ingest, config)
+    r = json.loads((result.output / "report.json").read_text())
+    _log.info("demo: omni-ingest %.1fs", result.seconds)
+    model = workdir / "omni-model"
+    m = train_and_evaluate(
+        OmniTrainConfig(
+            data=str(result.output), output=str(model), mesh=MESH, steps=sizes.omni_steps, batch_size=8,
+            d_model=64, ffn=128, learning_rate=0.01,
+        )
+    )  # fmt: skip
+    wav = str(manifest.parent / "media" / "cat-0.wav")
+    answers = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        for kind in ("text", "audio", "image"):
+            answers[kind] = generate(
+                OmniGenerateConfig(
+                    model=str(model), prompt_audio=wav, respond_with=kind, temperature=0,
+                    output=str(workdir / "omni-answers" / kind),
+                )
+            )  # fmt: skip
+    parts = ", ".join(f"{r['parts'][k]} {k}" for k in ("text", "audio", "image", "video"))
+    return (
+        title,
+        f"{r['examples']} examples ({parts}) -> {r['total_tokens']:,} tokens; eval perplexity "
+        f"{m['perplexity']:.1f} after {m['steps']} steps, {m['tokens_per_sec']:,.0f} tokens/s; spoken "
+        f"'a cat sitting on a chair' -> text {answers['text']['text'][:24]!r} (first token "
+        f"{answers['text']['time_to_first_token_s'] * 1000:.0f} ms), audio (first audio "
+        f"{answers['audio']['time_to_first_audio_s'] * 1000:.0f} ms), image; in omni-answers/",
+    )
+
+
 STAGES: list[tuple[str, Callable[[Path, Sizes], tuple[str, str]]]] = [
     ("example", _example),
     ("mlp", _mlp),
@@ -334,6 +388,7 @@ STAGES: list[tuple[str, Callable[[Path, Sizes], tuple[str, str]]]] = [
     ("image-ingest", _image_ingest),
     ("resnet", _resnet),
     ("lm", _lm),
+    ("omni", _omni),
 ]
 
 

@@ -3,6 +3,7 @@ the user's demo runs the same stages on more data)."""
 
 from __future__ import annotations
 
+from headrace.pipelines.omni_data import espeak_available
 from headrace.runners import demo
 
 
@@ -17,6 +18,10 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert "train unet3d" in out and "Dice" in out
     assert "run image-ingest" in out and "train resnet-18" in out and "top-1" in out
     assert "text-ingest + train lm" in out and "licence files" in out and "perplexity" in out
+    if espeak_available():
+        assert "train omni" in out and "first audio" in out
+        answers = tmp_path / "demo" / "omni-answers"
+        assert (answers / "audio" / "answer.wav").is_file() and (answers / "image" / "answer.png").is_file()
     assert (tmp_path / "demo" / "resnet" / "augmented.png").is_file() and (
         tmp_path / "demo" / "resnet" / "curves.png"
     ).is_file()
