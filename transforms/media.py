@@ -247,7 +247,7 @@ class Media:
         """[image_size, image_size, 3] uint8 of an image file's bytes (upright RGB, centre square)."""
         from PIL import Image
 
-        from headrace.pipelines.images import decode_image
+        from headrace.transforms.imagefiles import decode_image
 
         try:
             jpeg, _, _, _ = decode_image(data, max_side=4096, quality=95)

@@ -181,7 +181,7 @@ def test_a_folder_without_class_folders_is_refused(tmp_path, capsys):
 
 
 def test_a_decompression_bomb_is_rejected(tmp_path):
-    from headrace.pipelines.images import decode_image
+    from headrace.transforms.imagefiles import decode_image
 
     big = io.BytesIO()
     Image.new("L", (12_000, 12_000)).save(big, format="PNG")  # 144 MP > Pillow's 89 MP limit
