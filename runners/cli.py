@@ -327,6 +327,26 @@ def _stream(name: str, argv: Sequence[str]) -> int:
     return 0
 
 
+def _serve(name: str, argv: Sequence[str]) -> int:
+    if name not in commands.SERVERS:
+        raise ConfigError(f"unknown server {name!r} (servers: {', '.join(sorted(commands.SERVERS))})")
+    command = commands.SERVERS[name]
+    config, args, _ = _resolve_config(command, argv, allow_unknown=False)
+    _setup_logging(args.verbose)
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        host_given = any(a == "--host" or a.startswith("--host=") for a in argv)
+        return command.load()(config, host_given=host_given)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _retrain(name: str, argv: Sequence[str]) -> int:
     if name not in commands.RETRAINERS:
         raise ConfigError(f"unknown retrain {name!r} (retrain: {', '.join(sorted(commands.RETRAINERS))})")
@@ -444,7 +464,7 @@ def _demo(argv: Sequence[str]) -> int:
 
 def _usage() -> str:
     lines = [
-        "usage: headrace {run,train,launch,predict,generate,export,stream,retrain,schedule,templates,configs,demo,jars,"
+        "usage: headrace {run,train,launch,predict,generate,export,stream,serve,retrain,schedule,templates,configs,demo,jars,"
         "stack} ...",
         "",
         "headrace: Beam pipelines that turn raw data into sharded tf.data input, and DTensor trainers.",
@@ -456,6 +476,7 @@ def _usage() -> str:
         "  generate MODEL   generate from a trained model: " + ", ".join(sorted(commands.GENERATORS)),
         "  stream NAME      streaming CTR: " + ", ".join(sorted(commands.STREAMS)) + " (online training:"
         " train ctr --online)",
+        "  serve ctr        predictions from the online trainer's serving copies (TF Serving's REST shape)",
         "  retrain NAME     one scheduled day: ingest, warm-start, evaluate, gated promotion: "
         + ", ".join(sorted(commands.RETRAINERS)),
         "  schedule ctr     the nightly job: score the day with the model in service, then retrain it"
@@ -498,6 +519,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not rest or rest[0].startswith("-"):
                 raise ConfigError("headrace stream: missing the command (ctr-join, replay)")
             return _stream(rest[0], rest[1:])
+        if verb == "serve":
+            if not rest or rest[0].startswith("-"):
+                raise ConfigError("headrace serve: missing what to serve (ctr)")
+            return _serve(rest[0], rest[1:])
         if verb == "retrain":
             if not rest or rest[0].startswith("-"):
                 raise ConfigError("headrace retrain: missing what to retrain (ctr, crowd)")
@@ -529,7 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if verb == "stack":
             return _stack(rest)
         raise ConfigError(
-            f"unknown command {verb!r} (commands: run, train, predict, generate, stream, retrain, schedule, "
+            f"unknown command {verb!r} (commands: run, train, predict, generate, stream, serve, retrain, schedule, "
             "templates, export, launch, configs, demo, jars, stack)"
         )
     except HeadraceError as exc:

@@ -15,6 +15,7 @@ __all__ = [
     "PIPELINES",
     "PREDICTORS",
     "RETRAINERS",
+    "SERVERS",
     "STREAMS",
     "TRAINERS",
     "Command",
@@ -235,6 +236,21 @@ STREAMS = {
 }
 
 
+SERVERS = {
+    c.name: c
+    for c in [
+        Command(
+            "serve",
+            "ctr",
+            "headrace.runners.serve",
+            "serve",
+            "serve-ctr",
+            "predictions from the online trainer's serving copies (TF Serving's REST shape, hot version swaps)",
+        ),
+    ]
+}
+
+
 RETRAINERS = {
     c.name: c
     for c in [
@@ -260,6 +276,6 @@ RETRAINERS = {
 
 def load_all() -> None:
     """Imports every command module so that all configs are registered."""
-    tables = (PIPELINES, TRAINERS, PREDICTORS, GENERATORS, STREAMS, RETRAINERS)
+    tables = (PIPELINES, TRAINERS, PREDICTORS, GENERATORS, STREAMS, SERVERS, RETRAINERS)
     for command in [c for table in tables for c in table.values()]:
         importlib.import_module(command.module)
