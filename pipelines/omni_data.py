@@ -23,6 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+# imageio-ffmpeg's writer forks with a Python preexec_fn unless this is set; in a process with threads
+# (TensorFlow's, gRPC's) such a fork can hang (imageio-ffmpeg issue 58).
+os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
+
 from headrace.pipelines.images_data import PHOTOS, photo
 
 __all__ = ["espeak_available", "speak", "write_manifest", "write_video"]

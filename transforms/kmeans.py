@@ -14,8 +14,8 @@ The sample is deterministic: every row gets a pseudo-random key from its block's
 the combine keeps the smallest (`SmallestKeys`), so the same data give the same seeds on any runner and
 any bundling. A centroid that no row chose keeps its place (as scikit-learn's Lloyd does not: it
 relocates it; keeping it makes the step a pure function of the sums, equal to the numpy reference).
-Sums are float64, so the order in which a runner merges accumulators changes the result by rounding
-only.
+Sums are exact (fixed-point integers, see `_SCALE`), so the order in which a runner merges accumulators
+does not change the codebook.
 """
 
 from __future__ import annotations
@@ -28,11 +28,21 @@ import numpy as np
 __all__ = ["KMeans", "LloydStep", "SmallestKeys", "assign", "kmeans_plus_plus"]
 
 _CHUNK = 4096  # rows per distance computation: bounds the [rows, k] matrix
+# Rows are summed as integers in units of 2^-32 (exact for float32 values of magnitude >= 2^-9, and
+# within 2^-33 below): integer sums do not depend on the order a runner merges accumulators in, so the
+# codebook is the same, bit for bit, on every runner (float sums differed in the last bits between the
+# in-process runner and Flink, and a row at a near-tie then took another code).
+_SCALE = 2.0**32
 
 
 def assign(rows: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(index of the nearest centroid [n] int64, its squared distance [n] float64); ties go to the lower
-    index."""
+    index.
+
+    Distances come from one matrix product (``|x|^2 - 2 x.c + |c|^2``), whose rounding depends on the
+    BLAS kernel and its threads: the same row got another code in Flink's SDK harness than in process.
+    So every centroid within a rounding tolerance of the best is compared again by its exact squared
+    difference (elementwise, the same arithmetic everywhere): the answer does not depend on the BLAS."""
     rows = np.asarray(rows, np.float64)
     centroids = np.asarray(centroids, np.float64)
     codes = np.zeros(len(rows), np.int64)
@@ -40,9 +50,19 @@ def assign(rows: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndar
     c2 = np.sum(centroids**2, axis=1)
     for start in range(0, len(rows), _CHUNK):
         x = rows[start : start + _CHUNK]
-        d2 = np.sum(x**2, axis=1, keepdims=True) - 2.0 * x @ centroids.T + c2  # [n, k]
-        codes[start : start + len(x)] = np.argmin(d2, axis=1)
-        dist[start : start + len(x)] = np.maximum(d2[np.arange(len(x)), codes[start : start + len(x)]], 0.0)
+        x2 = np.sum(x**2, axis=1, keepdims=True)
+        d2 = x2 - 2.0 * x @ centroids.T + c2  # [n, k]
+        best = d2.min(axis=1, keepdims=True)
+        near = d2 <= best + 1e-9 * (x2 + c2.max()) + 1e-12  # well above the product's rounding error
+        chunk_codes = np.argmin(d2, axis=1)
+        chunk_dist = np.maximum(d2[np.arange(len(x)), chunk_codes], 0.0)
+        for i in np.flatnonzero(near.sum(axis=1) > 1):
+            candidates = np.flatnonzero(near[i])
+            exact = np.sum((centroids[candidates] - x[i]) ** 2, axis=1)
+            j = int(np.argmin(exact))  # the first of equal ones: the lower index
+            chunk_codes[i], chunk_dist[i] = candidates[j], exact[j]
+        codes[start : start + len(x)] = chunk_codes
+        dist[start : start + len(x)] = chunk_dist
     return codes, dist
 
 
@@ -121,9 +141,11 @@ class LloydStep(beam.CombineFn):
         if len(centroids) == 0 or len(block) == 0:
             return acc
         codes, dist = assign(block, centroids)
-        sums = np.zeros((len(centroids), block.shape[1]))
-        np.add.at(sums, codes, block)
+        fixed = np.round(block * _SCALE).astype(np.int64)  # exact integers: sums in any order agree
+        sums = np.zeros((len(centroids), block.shape[1]), np.int64)
+        np.add.at(sums, codes, fixed)
         counts = np.bincount(codes, minlength=len(centroids))
+        sums = sums.astype(object)  # Python integers from here: no overflow however many rows
         if acc is None:
             return sums, counts, float(dist.sum())
         return acc[0] + sums, acc[1] + counts, acc[2] + float(dist.sum())
@@ -151,8 +173,8 @@ def _update(totals, state) -> dict:
         return state
     sums, counts, inertia = totals
     centroids = np.array(state["centroids"], np.float64)
-    moved = counts > 0
-    centroids[moved] = sums[moved] / counts[moved, None]
+    for j in np.flatnonzero(counts > 0):  # Python's int / int: the correctly rounded quotient
+        centroids[j] = [float(total / int(counts[j])) / _SCALE for total in sums[j]]
     return {"centroids": centroids, "inertia": [*state["inertia"], inertia], "init": state["init"]}
 
 

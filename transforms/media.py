@@ -107,6 +107,11 @@ def log_mel_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.abs(np.asarray(a[:n], np.float64) - np.asarray(b[:n], np.float64))))
 
 
+def _last_line(stderr: bytes) -> str:
+    text = stderr.decode(errors="replace").strip()
+    return text.splitlines()[-1] if text else "ffmpeg failed"
+
+
 def _resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
     if rate == target:
         return x
@@ -283,25 +288,35 @@ class Media:
         """A video file (anything the shipped ffmpeg decodes) or a folder of frames."""
         if os.path.isdir(path):
             return self._frame_folder(Path(path))
-        import imageio_ffmpeg
-        from PIL import Image
-
-        frames = []
-        try:
-            reader = imageio_ffmpeg.read_frames(path, output_params=["-vf", f"fps={self.video_fps:g}"])
-            meta = next(reader)
-            width, height = meta["size"]
-            if meta.get("duration") and meta["duration"] > self.max_seconds:
-                reader.close()
-                raise MediaError(f"video of {meta['duration']:.1f} s is longer than {self.max_seconds:g} s")
-            for raw in reader:
-                pixels = np.frombuffer(raw, np.uint8).reshape(height, width, 3)
-                frames.append(self.to_patches(np.asarray(self._square(Image.fromarray(pixels)), np.uint8)))
-        except MediaError:
-            raise
-        except (RuntimeError, OSError, StopIteration, ValueError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            raise MediaError(f"video does not decode: {first}") from None
+        # ffmpeg samples the frames, crops the centre square and scales it (Lanczos), writing raw RGB.
+        # It is run here with subprocess, not through imageio-ffmpeg's reader: that one forks with a
+        # Python preexec_fn, which hung in the SDK harness's threads (a fork in a threaded process).
+        s = self.image_size
+        chain = f"fps={self.video_fps:g},crop=min(iw\\,ih):min(iw\\,ih),scale={s}:{s}:flags=lanczos"
+        done = self._ffmpeg(
+            [
+                "-t",
+                f"{self.max_seconds + 1 / self.video_fps:g}",
+                "-i",
+                path,
+                "-an",
+                "-vf",
+                chain,
+                "-f",
+                "rawvideo",
+                "-pix_fmt",
+                "rgb24",
+                "-",
+            ]
+        )
+        if done.returncode != 0:
+            raise MediaError(f"video does not decode: {_last_line(done.stderr)}")
+        size = s * s * 3
+        count = len(done.stdout) // size
+        if count > self.max_seconds * self.video_fps:
+            raise MediaError(f"video is longer than {self.max_seconds:g} s")
+        pixels = np.frombuffer(done.stdout[: count * size], np.uint8).reshape(count, s, s, 3)
+        frames = [self.to_patches(frame) for frame in pixels]
         if not frames:
             raise MediaError("video has no frames")
         mel = self._video_audio(path)
@@ -309,18 +324,42 @@ class Media:
 
     def _video_audio(self, path: str) -> np.ndarray:
         """The audio track's log-mel frames, or none when the file has no audio stream."""
-        import imageio_ffmpeg
-
-        command = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", path, "-vn", "-ac", "1"]
-        command += ["-ar", str(self.sample_rate), "-f", "s16le", "-"]
-        done = subprocess.run(command, capture_output=True, timeout=120, check=False)
+        done = self._ffmpeg(
+            [
+                "-t",
+                f"{self.max_seconds:g}",
+                "-i",
+                path,
+                "-vn",
+                "-ac",
+                "1",
+                "-ar",
+                str(self.sample_rate),
+                "-f",
+                "s16le",
+                "-",
+            ]
+        )
         if done.returncode != 0 or not done.stdout:
             err = done.stderr.decode(errors="replace")
             if done.returncode == 0 or "does not contain any stream" in err or "matches no streams" in err:
                 return np.zeros((0, self.n_mels), np.float32)
-            raise MediaError(f"audio track does not decode: {err.strip().splitlines()[-1] if err else ''}")
+            raise MediaError(f"audio track does not decode: {_last_line(done.stderr)}")
         samples = np.frombuffer(done.stdout, np.int16).astype(np.float32) / 32767.0
         return self.log_mel(samples)
+
+    @staticmethod
+    def _ffmpeg(args: list[str]) -> subprocess.CompletedProcess:
+        """The ffmpeg imageio-ffmpeg ships, in a session of its own (no Ctrl-C from the terminal)."""
+        import imageio_ffmpeg
+
+        command = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", *args]
+        try:
+            return subprocess.run(
+                command, capture_output=True, timeout=300, check=False, start_new_session=True
+            )
+        except subprocess.TimeoutExpired:
+            raise MediaError("ffmpeg took over 300 s") from None
 
     def _frame_folder(self, folder: Path) -> VideoFeatures:
         files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _FRAME_SUFFIXES)
