@@ -207,8 +207,12 @@ class Media:
         x = _resample(np.asarray(samples, np.float32), rate or self.sample_rate, self.sample_rate)
         if len(x) == 0:
             return np.zeros((0, self.n_mels), np.float32)
-        magnitude = np.abs(self._stft(x))
-        return np.log(magnitude @ self.mel_filters().T + _LOG_FLOOR).astype(np.float32)
+        magnitude = np.abs(self._stft(x))  # [frames, bins]
+        # An elementwise product and sum rather than a matrix product: BLAS rounds differently by kernel
+        # and thread, and a frame at a near-tie between two codes then took another code in Flink's SDK
+        # harness than in process; this arithmetic is the same everywhere.
+        mel = np.sum(magnitude[:, None, :] * self.mel_filters()[None, :, :], axis=2)  # [frames, n_mels]
+        return np.log(mel + _LOG_FLOOR).astype(np.float32)
 
     def audio(self, data: bytes) -> np.ndarray:
         """The log-mel frames of a WAV file's bytes."""
