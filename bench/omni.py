@@ -21,6 +21,7 @@ Prints, from one run:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -77,8 +78,6 @@ def main() -> None:
         t = time.perf_counter()
         run_pipeline(build_omni_ingest, OmniIngestConfig(input=str(manifest), output=str(data), seq_len=256))
         ingest_s = time.perf_counter() - t
-        import json
-
         report = json.loads((data / "report.json").read_text())
         front = _front_end(manifest)
 

@@ -183,7 +183,7 @@ def decode_part(kind: str, item: str, root: str, media: Media):
                 return media.video(_local(path, stack))
         with FileSystems.open(path) as f:
             data = f.read()
-    except (FileNotFoundError, OSError) as exc:
+    except OSError as exc:  # missing or unreadable
         raise MediaError(f"missing or unreadable file ({type(exc).__name__})") from None
     except Exception as exc:  # Beam's filesystems wrap a missing file in their own errors
         if "not found" in str(exc).lower() or "no such file" in str(exc).lower():

@@ -24,7 +24,7 @@ from headrace.models.transformer import Transformer, TransformerConfig
 from headrace.pipelines import text
 from headrace.runners.train_lm import WEIGHTS
 
-__all__ = ["GenerateConfig", "generate", "load_model", "load_transformer"]
+__all__ = ["GenerateConfig", "draw", "generate", "load_model", "load_transformer", "prefill_prompt"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +63,25 @@ def load_model(directory: str) -> tuple[Transformer, object]:
     return model, spm.SentencePieceProcessor(model_file=str(Path(directory) / text.TOKENIZER))
 
 
+def prefill_prompt(prefill, prompt: list[int], length: int):
+    """(logits [1, vocab] of the token after `prompt`, the cache) from one pass of a traced
+    `Transformer.prefill` over the prompt padded to `length`: one trace for any prompt (the mask is
+    causal, so the padding changes nothing before it)."""
+    padded = np.zeros([1, length], np.int32)
+    padded[0, : len(prompt)] = prompt
+    logits, cache = prefill(tf.constant(padded))
+    return logits[:, len(prompt) - 1], cache
+
+
+def draw(logits, temperature: float, rng) -> int:
+    """A token from logits [vocab] (-inf where not allowed): the argmax at temperature 0, else sampled
+    from the softmax at `temperature`."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    p = np.exp((logits - logits.max()) / temperature)
+    return int(rng.choice(len(p), p=p / p.sum()))
+
+
 def generate(config: GenerateConfig) -> dict:
     if config.max_tokens < 1 or config.temperature < 0:
         raise ConfigError("--max-tokens >= 1 and --temperature >= 0")
@@ -77,20 +96,12 @@ def generate(config: GenerateConfig) -> dict:
     step = tf.function(model.decode, reduce_retracing=True)
     prefill = tf.function(model.prefill)
     rng = np.random.default_rng(config.seed)
-    padded = np.zeros([1, length], np.int32)  # one trace for any prompt (the mask is causal)
-    padded[0, : len(prompt)] = prompt
     start = time.perf_counter()
-    logits, cache = prefill(tf.constant(padded))  # the prompt in one pass
-    logits = logits[:, len(prompt) - 1]
+    logits, cache = prefill_prompt(prefill, prompt, length)
     out, first = [], None
     position = len(prompt)
     for _ in range(config.max_tokens):
-        p = logits.numpy()[0].astype(np.float64)
-        if config.temperature == 0:
-            token = int(np.argmax(p))
-        else:
-            p = np.exp((p - p.max()) / config.temperature)
-            token = int(rng.choice(len(p), p=p / p.sum()))
+        token = draw(logits.numpy()[0].astype(np.float64), config.temperature, rng)
         if first is None:
             first = time.perf_counter() - start
         if token == sp.eos_id():

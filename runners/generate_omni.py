@@ -33,7 +33,7 @@ import tensorflow as tf
 
 from headrace.core import config as config_lib
 from headrace.core.errors import ConfigError, InputError
-from headrace.runners.generate_lm import load_transformer
+from headrace.runners.generate_lm import draw, load_transformer, prefill_prompt
 from headrace.transforms.media import MediaError, write_wav
 from headrace.transforms.omni_tokens import VOCAB, OmniTokenizer
 
@@ -132,10 +132,7 @@ class Responder:
             raise ConfigError(
                 f"the prompt ({len(prompt)} tokens) and --max-tokens {limit} exceed the model's {self.length} positions"
             )
-        padded = np.zeros([1, self.length], np.int32)
-        padded[0, : len(prompt)] = prompt
-        logits, cache = self._prefill(tf.constant(padded))
-        logits = logits[:, len(prompt) - 1]
+        logits, cache = prefill_prompt(self._prefill, prompt, self.length)
         mask = self.allowed(kind)
         at_least = (
             config.min_tokens
@@ -148,11 +145,7 @@ class Responder:
             p = np.where(mask, logits.numpy()[0].astype(np.float64), -np.inf)
             if len(out) < at_least:
                 p[self.vocab.end(kind)] = -np.inf
-            if config.temperature == 0:
-                token = int(np.argmax(p))
-            else:
-                p = np.exp((p - p.max()) / config.temperature)
-                token = int(rng.choice(len(p), p=p / p.sum()))
+            token = draw(p, config.temperature, rng)
             if first is None:
                 first = time.perf_counter() - start
             if token == self.vocab.end(kind):
@@ -203,12 +196,11 @@ class Responder:
             write_wav(out / "answer.wav", self.tokens.decode_audio(result["ids"]), rate)
         else:
             Image.fromarray(self.tokens.decode_image(result["ids"])).save(out / "answer.png")
+        # What the model heard or saw: the prompt's own codes (decode_* keep the codes of their kind).
         if config.prompt_audio:
-            prompt = self.tokens.audio(Path(config.prompt_audio).read_bytes())
-            write_wav(out / "prompt.wav", self.tokens.decode_audio(prompt), rate)
+            write_wav(out / "prompt.wav", self.tokens.decode_audio(result["prompt"]), rate)
         if config.prompt_image:
-            prompt = self.tokens.image(Path(config.prompt_image).read_bytes())
-            Image.fromarray(self.tokens.decode_image(prompt)).save(out / "prompt.png")
+            Image.fromarray(self.tokens.decode_image(result["prompt"])).save(out / "prompt.png")
         (out / "result.json").write_text(
             json.dumps({k: v for k, v in result.items() if k not in ("ids", "prompt")}, indent=2)
         )

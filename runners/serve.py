@@ -34,6 +34,9 @@ import threading
 import time
 from pathlib import Path
 
+import tensorflow as tf
+from werkzeug.wrappers import Request, Response
+
 from headrace.core import config as config_lib
 from headrace.core.errors import ConfigError, InputError
 from headrace.models.criteo import FIELDS
@@ -113,8 +116,6 @@ class _Version:
     """One loaded serving copy: its name, its serving function and its sync.json."""
 
     def __init__(self, root: Path, name: str):
-        import tensorflow as tf
-
         self.name = name
         self._loaded = tf.saved_model.load(str(root / name))
         self._serve = self._loaded.signatures["serving_default"]
@@ -122,8 +123,6 @@ class _Version:
         self.info = json.loads(info.read_text()) if info.is_file() else {}
 
     def predict(self, columns: dict[str, list[str]]) -> list[float]:
-        import tensorflow as tf
-
         out = self._serve(**{k: tf.constant(v, tf.string) for k, v in columns.items()})["probability"]
         return [round(float(p), 6) for p in out.numpy()]
 
@@ -190,8 +189,6 @@ class PredictionService:
     # -- requests ---------------------------------------------------------------------------------
 
     def __call__(self, environ, start_response):
-        from werkzeug.wrappers import Request, Response
-
         request = Request(environ)
         name = self.config.model_name
         path = request.path
@@ -246,8 +243,6 @@ class PredictionService:
 
 
 def _json(code: int, body: dict, headers: dict | None = None):
-    from werkzeug.wrappers import Response
-
     return Response(json.dumps(body), status=code, content_type="application/json", headers=headers)
 
 

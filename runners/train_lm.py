@@ -33,7 +33,7 @@ from headrace.pipelines import text
 from headrace.runners import loop
 from headrace.transforms.tfrecord import read_spec
 
-__all__ = ["WEIGHTS", "LMTask", "LMTrainConfig", "train_and_evaluate"]
+__all__ = ["WEIGHTS", "LMTask", "LMTrainConfig", "train_and_evaluate", "transformer_config"]
 
 WEIGHTS = "weights.npz"
 
@@ -72,11 +72,16 @@ def model_config(config: LMTrainConfig) -> TransformerConfig:
         )
     vocab = spm.SentencePieceProcessor(model_file=str(tokenizer)).get_piece_size()
     seq_len = read_spec(config.data, "train").features["tokens"].shape[0]
+    return transformer_config(config, vocab, seq_len)
+
+
+def transformer_config(config: LMTrainConfig, vocab_size: int, seq_len: int) -> TransformerConfig:
+    """The Transformer's config from a trainer's flags, for a vocabulary and a row length."""
     if config.d_model % config.heads:
         raise InputError(f"--d-model {config.d_model} is not a multiple of --heads {config.heads}")
     return dataclasses.replace(
         config.model,
-        vocab_size=vocab,
+        vocab_size=vocab_size,
         max_len=seq_len,
         attention=config.attention,
         layers=config.layers,
@@ -90,6 +95,7 @@ def model_config(config: LMTrainConfig) -> TransformerConfig:
 
 class LMTask(loop.Task):
     name = "lm"
+    data_files = (text.TOKENIZER,)  # copied from the data into the output, for the generator
 
     def __init__(self, config: LMTrainConfig):
         super().__init__(config)
@@ -114,8 +120,7 @@ class LMTask(loop.Task):
             share=cluster.input_share(c),
         )  # fmt: skip
 
-    def _place(self, batch):
-        keys = ("tokens", "segment_ids", "positions")
+    def _place(self, batch, keys=("tokens", "segment_ids", "positions")):
         if self.mesh is None:  # --mesh '': plain TensorFlow on one device
             return tuple(tf.convert_to_tensor(batch[k]) for k in keys)
         return tuple(mesh_lib.shard_batch(self.mesh, batch[k]) for k in keys)
@@ -163,7 +168,9 @@ class LMTask(loop.Task):
     def write_outputs(self, directory: Path, result: loop.FitResult, m: dict) -> None:
         """The tokenizer, and the weights gathered off the mesh (``weights.npz``, with the model's config
         in metrics.json): what `headrace generate lm` loads, on any device."""
-        shutil.copy(Path(self.config.data) / text.TOKENIZER, directory / text.TOKENIZER)
+        for name in self.data_files:
+            if (Path(self.config.data) / name).is_file():
+                shutil.copy(Path(self.config.data) / name, directory / name)
         weights = {w.name.split(":")[0]: mesh_lib.to_numpy(w) for w in self.model.weights}
         np.savez(directory / WEIGHTS, **weights)
 

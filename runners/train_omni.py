@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ from headrace.core import config as config_lib
 from headrace.core.errors import InputError
 from headrace.pipelines import omni
 from headrace.runners import loop
-from headrace.runners.train_lm import WEIGHTS, LMTask, LMTrainConfig
+from headrace.runners.train_lm import LMTask, LMTrainConfig, transformer_config
 from headrace.transforms.omni_tokens import CODEBOOKS, MODALITY_ID, TOKENIZER, VOCAB, Vocabulary
 from headrace.transforms.tfrecord import read_spec
 
@@ -52,6 +51,7 @@ def omni_train() -> OmniTrainConfig:
 
 class OmniTask(LMTask):
     name = "omni"
+    data_files = (VOCAB, TOKENIZER, CODEBOOKS)  # all `generate omni` needs beside the weights
 
     def __init__(self, config: OmniTrainConfig):
         loop.Task.__init__(self, config)
@@ -61,24 +61,11 @@ class OmniTask(LMTask):
                 f"--data {config.data}: no {VOCAB} (is it the output of `headrace run omni-ingest`?)"
             )
         self.vocab = Vocabulary.from_json(json.loads((root / VOCAB).read_text()))
-        if config.d_model % config.heads:
-            raise InputError(f"--d-model {config.d_model} is not a multiple of --heads {config.heads}")
         seq_len = read_spec(config.data, "train").features["tokens"].shape[0]
         read_spec(config.data, "train", omni.omni_spec(seq_len))  # a text-ingest output is refused by name
-        self.model_config = dataclasses.replace(
-            config.model,
-            # Rounded up to a multiple of 64: the output projection is split over `model` on this axis
-            # (the ids past the vocabulary never occur, so they learn to be improbable).
-            vocab_size=-(-self.vocab.size // 64) * 64,
-            max_len=seq_len,
-            attention=config.attention,
-            layers=config.layers,
-            d_model=config.d_model,
-            heads=config.heads,
-            head_dim=config.d_model // config.heads,
-            ffn=config.ffn,
-            seed=config.seed,
-        )
+        # The vocabulary is rounded up to a multiple of 64: the output projection is split over `model` on
+        # this axis (the ids past the vocabulary never occur, so they learn to be improbable).
+        self.model_config = transformer_config(config, -(-self.vocab.size // 64) * 64, seq_len)
         report = json.loads((root / "report.json").read_text())
         self.fill = report.get("packing_efficiency") or 1.0
 
@@ -96,12 +83,7 @@ class OmniTask(LMTask):
         )
 
     def _place_eval(self, batch):
-        return (*self._place(batch), self._place_one(batch["modalities"]))
-
-    def _place_one(self, value):
-        from headrace.core import mesh as mesh_lib
-
-        return tf.convert_to_tensor(value) if self.mesh is None else mesh_lib.shard_batch(self.mesh, value)
+        return self._place(batch, ("tokens", "segment_ids", "positions", "modalities"))
 
     def predict_step(self, tokens, segment_ids, positions, modalities):
         """(summed cross-entropy [b, kinds], targets [b, kinds]) by the modality id of the target."""
@@ -139,15 +121,6 @@ class OmniTask(LMTask):
 
     def title(self, m) -> str:
         return f"omni ({m['attention']}): eval perplexity {m.get('perplexity', float('nan')):.2f}"
-
-    def write_outputs(self, directory: Path, result: loop.FitResult, m: dict) -> None:
-        from headrace.core import mesh as mesh_lib
-
-        for name in (VOCAB, TOKENIZER, CODEBOOKS):
-            if (Path(self.config.data) / name).is_file():
-                shutil.copy(Path(self.config.data) / name, directory / name)
-        weights = {w.name.split(":")[0]: mesh_lib.to_numpy(w) for w in self.model.weights}
-        np.savez(directory / WEIGHTS, **weights)
 
 
 def train_and_evaluate(config: OmniTrainConfig) -> dict:
