@@ -5,19 +5,21 @@ Events (Kafka message values, UTF-8, tab-separated):
     impression:  request_id <TAB> event_time_ms <TAB> I1..I13, C1..C26 (the 39 raw Criteo fields)
     action:      request_id <TAB> event_time_ms <TAB> kind ("click")
 
-Join, per request id, with state and event-time timers (`JoinImpressionsAndActions`):
+Join, per request id, in the runner's own GroupByKey (`JoinKeyedEvents`): session windows per request
+id whose gap is the join window plus the allowed lateness, so an impression's click merges into its session:
 
-* an impression opens a window of `join_window` seconds from its event time;
-* a click inside the window makes a positive example at once (weight 1);
-* when the watermark passes the window's end (plus an allowed lateness, for clicks still in flight) without
-  a click, the impression becomes a negative, kept
-  with probability `negative_keep_rate` (decided by a hash of the request id, so replays agree) and
+* a click inside the window (``t <= click <= t + join_window``) makes a positive (weight 1), written at
+  once by an early firing (impression and click both there) and again as the final decision;
+* when the watermark passes the session, the final decision is written: a positive, or a negative
+  kept with probability `negative_keep_rate` (decided by a hash of the request id, so replays agree) and
   carrying weight ``1 / negative_keep_rate``: a model trained on the sample predicts the odds of the
   sample, and `correct_probability` (or training with the weights) gives back the true click rate;
-* a click for a request whose window has closed (or that was never seen) is late: counted and emitted
-  on the ``late`` output, not lost; a second click or a repeated impression is a duplicate, counted.
-State is kept `grace` seconds past the window, so that a late click is recognised as late rather than
-as an orphan, then cleared.
+* a click outside its impression's window (or with no impression) is late: emitted on the ``late``
+  output, not lost; a second click or a repeated impression is a duplicate, counted.
+
+Only the decision per pane runs in Python; Flink keeps the state and fires the windows. Examples are keyed
+by `example_key` (request id, impression time, and for a final decision the watermark it was made at):
+the online trainer trains the first example per request id and orders them by impression time.
 
 Examples are lines of `EXAMPLE_LINE`, ``label <TAB> weight <TAB> 39 raw fields``: the Criteo layout
 with a weight, what the online trainer reads from the examples topic (with the same spec's checks and
@@ -30,10 +32,7 @@ import dataclasses
 import hashlib
 
 import apache_beam as beam
-from apache_beam.coders import BooleanCoder, PickleCoder
-from apache_beam.transforms.timeutil import TimeDomain
-from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
-from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import PaneInfoTiming
 
 from headrace.core import config as config_lib
 from headrace.models.criteo import FIELDS
@@ -167,164 +166,155 @@ def example_line(impression: Impression, label: int, weight: float) -> str:
     return EXAMPLE_LINE.format([label, weight, *impression.fields])
 
 
-_IMPRESSION = ReadModifyWriteStateSpec("impression", PickleCoder())
-_DONE = ReadModifyWriteStateSpec("done", BooleanCoder())  # example emitted (positive, or negative decided)
-_CLOSED = ReadModifyWriteStateSpec("closed", BooleanCoder())  # the join window has ended
-_EARLY = ReadModifyWriteStateSpec("early", PickleCoder())  # a click that came before its impression
+def example_key(request_id: str, impression_ms: int, watermark_ms: int) -> str:
+    """The examples topic's message key: ``request_id <TAB> impression_time_ms <TAB> watermark_ms``.
+
+    `watermark_ms` is 0 on an early positive and, on a final decision, the end of the request's window:
+    the join emits a final decision only once its watermark has passed that, so it is a lower bound of
+    the join's watermark the trainer can read (`train ctr --online` orders examples by it)."""
+    return f"{request_id}\t{impression_ms}\t{watermark_ms}"
 
 
-class _Join(beam.DoFn):
-    """Keyed by request id; elements are ``("impression", Impression)`` or ``("action", Action)``.
+def parse_example_key(key: bytes | str) -> tuple[str, int, int]:
+    """``(request_id, impression_time_ms, watermark_ms)``; a bare request id (an older join) -> (id, 0, 0)."""
+    text = key.decode("utf-8") if isinstance(key, bytes) else key
+    parts = text.split("\t")
+    if len(parts) != 3:
+        return text, 0, 0
+    return parts[0], int(parts[1]), int(parts[2])
 
-    One event-time timer per request, so that what happens when never depends on the order in which a
-    runner delivers two timers due in the same bundle (Flink's portable runner hands the SDK one timer
-    family after the other: a clean-up timer due with the window's end ran first and the window then
-    closed on nothing). The timer fires first when the watermark passes the window's end plus the allowed
-    lateness (the window closes: a negative unless clicked), then `grace` later (the state is cleared)."""
+
+class _Decide(beam.DoFn):
+    """One pane of a request's session (all its events so far) -> examples and late actions.
+
+    An early pane (the watermark is still inside the session) makes a positive as soon as an impression
+    and a click inside its window are both there: freshness. The on-time pane (the watermark has passed
+    the session; it fires once, with every event of the request) makes the final decision: one example
+    (positive, or a negative kept by the sample) and a late action for every click outside the window.
+    A positive is therefore written twice, early and final, with the same line; the trainer trains the
+    first one per request id (its keys say which is which)."""
 
     LATE = "late"
-    DEADLINE = TimerSpec("deadline", TimeDomain.WATERMARK)
 
-    def __init__(self, join_window_s: float, negative_keep_rate: float, grace_s: float, lateness_s: float):
-        self._window_ms = int(join_window_s * 1000)
-        self._grace_ms = int(grace_s * 1000)
-        self._lateness_ms = int(lateness_s * 1000)
+    def __init__(self, join_window_ms: int, negative_keep_rate: float):
+        self._window_ms = join_window_ms
         self._keep = negative_keep_rate
         metrics = beam.metrics.Metrics
         self._positives = metrics.counter("join", "positives")
+        self._early = metrics.counter("join", "early_positives")
         self._negatives = metrics.counter("join", "negatives_kept")
         self._dropped = metrics.counter("join", "negatives_dropped")
         self._late = metrics.counter("join", "late_actions")
         self._duplicates = metrics.counter("join", "duplicates")
+        self._requests = metrics.distribution("join", "events_per_request")
 
-    @staticmethod
-    def _at(ms: int) -> Timestamp:
-        return Timestamp(micros=ms * 1000)
-
-    def _state_ends(self, t_ms: int) -> Timestamp:
-        """When a request's state is cleared, from its impression's (or an early click's) event time."""
-        return self._at(t_ms + self._window_ms + self._lateness_ms + self._grace_ms)
-
-    def _late_line(self, action: Action):
-        self._late.inc()
-        return beam.pvalue.TaggedOutput(
-            self.LATE, (action.request_id, f"{action.request_id}\t{action.time_ms}\t{action.kind}")
-        )
-
-    def _positive(self, impression: Impression, done_state):
-        done_state.write(True)
-        self._positives.inc()
-        return impression.request_id, example_line(impression, 1, 1.0)
-
-    def process(
-        self,
-        element,
-        impression_state=beam.DoFn.StateParam(_IMPRESSION),
-        done_state=beam.DoFn.StateParam(_DONE),
-        closed_state=beam.DoFn.StateParam(_CLOSED),
-        early_state=beam.DoFn.StateParam(_EARLY),
-        deadline=beam.DoFn.TimerParam(DEADLINE),
-    ):
-        _, (kind, event) = element
-        if kind == "impression":
-            if impression_state.read() is not None:
-                self._duplicates.inc()
-                return
-            impression_state.write(event)
-            end = event.time_ms + self._window_ms
-            deadline.set(self._at(end + self._lateness_ms))
-            early = early_state.read()
-            if early is not None:  # the click was read before its impression (another partition)
-                early_state.clear()
-                if event.time_ms <= early.time_ms <= end:
-                    yield self._positive(event, done_state)
-                else:
-                    yield self._late_line(early)
+    def process(self, element, window=beam.DoFn.WindowParam, pane=beam.DoFn.PaneInfoParam):
+        request_id, events = element
+        impressions, clicks = [], []
+        for kind, time_ms, rest in events:
+            if kind == "i":
+                impressions.append((time_ms, rest))
+            elif rest == "click":
+                clicks.append(time_ms)
+        impressions.sort()
+        clicks.sort()
+        final = pane.timing != PaneInfoTiming.EARLY
+        impression = impressions[0] if impressions else None
+        inside = []
+        if impression is not None:
+            t = impression[0]
+            inside = [c for c in clicks if t <= c <= t + self._window_ms]
+        if not final:
+            if inside:
+                self._early.inc()
+                yield example_key(request_id, impression[0], 0), f"1\t1\t{impression[1]}"
             return
-        # An action.
-        if event.kind != "click":
-            return
-        impression = impression_state.read()
-        if impression is None:
-            if closed_state.read():  # the impression's window is over (its state kept for `grace`)
-                yield self._late_line(event)
-            elif early_state.read() is not None:
-                self._duplicates.inc()
-            else:  # hold it until its impression arrives, or until a window past the click
-                early_state.write(event)
-                deadline.set(self._state_ends(event.time_ms))
-            return
-        if closed_state.read() or event.time_ms > impression.time_ms + self._window_ms:
-            yield self._late_line(event)
-            return
-        if done_state.read():
-            self._duplicates.inc()
-            return
-        yield self._positive(impression, done_state)
-
-    @on_timer(DEADLINE)
-    def _deadline(
-        self,
-        impression_state=beam.DoFn.StateParam(_IMPRESSION),
-        done_state=beam.DoFn.StateParam(_DONE),
-        closed_state=beam.DoFn.StateParam(_CLOSED),
-        early_state=beam.DoFn.StateParam(_EARLY),
-        deadline=beam.DoFn.TimerParam(DEADLINE),
-    ):
-        impression = impression_state.read()
-        if impression is not None and not closed_state.read():
-            # The window is over: a negative unless clicked; the state stays `grace` longer so that a
-            # late click is recognised as late.
-            closed_state.write(True)
-            deadline.set(self._state_ends(impression.time_ms))
-            if done_state.read():
-                return
-            done_state.write(True)
-            if keep_negative(impression.request_id, self._keep):
+        self._requests.update(len(impressions) + len(clicks))
+        self._duplicates.inc(max(len(impressions) - 1, 0) + max(len(inside) - 1, 0))
+        if impression is not None:
+            key = example_key(request_id, impression[0], window.end.micros // 1000)
+            if inside:
+                self._positives.inc()
+                yield key, f"1\t1\t{impression[1]}"
+            elif keep_negative(request_id, self._keep):
                 self._negatives.inc()
-                yield impression.request_id, example_line(impression, 0, 1.0 / self._keep)
+                yield key, f"0\t{1.0 / self._keep:.6g}\t{impression[1]}"
             else:
                 self._dropped.inc()
-            return
-        # The end of the request's state; a click still waiting for its impression is late.
-        early = early_state.read()
-        if early is not None:
-            yield self._late_line(early)
-        for state in (impression_state, done_state, closed_state, early_state):
-            state.clear()
+        for c in clicks:
+            if c not in inside:
+                self._late.inc()
+                yield beam.pvalue.TaggedOutput(self.LATE, (request_id, f"{request_id}\t{c}\tclick"))
 
 
-_KEYED = beam.typehints.KV[str, beam.typehints.Any]  # request ids as UTF-8: a deterministic key coder
+# Grouped values: ("i", impression_time_ms, the 39 raw fields tab-joined) or ("c", action_time_ms, kind):
+# tuples of str and int (Beam's fast primitive coder), never pickled objects.
+_EVENT = beam.typehints.KV[str, beam.typehints.Tuple[str, int, str]]
 
 
 @beam.ptransform_fn
-def JoinImpressionsAndActions(
-    pcolls,
-    *,
-    join_window_s: float = 60.0,
-    negative_keep_rate: float = 1.0,
-    grace_s: float | None = None,
-    allowed_lateness_s: float = 0.0,
+def JoinKeyedEvents(
+    events, *, join_window_s: float = 60.0, negative_keep_rate: float = 1.0, allowed_lateness_s: float = 0.0
 ):
-    """``(impressions, actions)`` PCollections of `Impression` / `Action` (timestamped with their event
-    time) -> ``{"examples": (request_id, example line), "late": (request_id, action line)}``.
+    """``(request_id, (kind, time_ms, payload))`` events, timestamped with their event time ->
+    ``{"examples": (example_key, example line), "late": (request_id, action line)}``.
 
-    A window closes when the watermark passes its end plus `allowed_lateness_s`: a click inside the window
-    by event time that reaches the join behind the watermark by less than that still joins."""
+    The grouping and the event-time firing are the runner's own: session windows per request id with the
+    join window plus `allowed_lateness_s` as the gap (a click inside the window merges into its
+    impression's session), a trigger that fires early when a second event comes (an impression and its
+    click) and once when the watermark passes the session, accumulating panes, no allowed lateness past
+    that (the session's state is gone once decided). Only the decision per pane runs in Python (`_Decide`).
+    An event behind the watermark by more than its own session's gap is dropped by the runner (Flink
+    counts it as ``numLateRecordsDropped``); a click within that is decided as late."""
+    from apache_beam.transforms import trigger, window
+
     if not 0 < negative_keep_rate <= 1:
         raise ValueError(f"negative_keep_rate {negative_keep_rate}: must be in (0, 1]")
     if allowed_lateness_s < 0:
         raise ValueError(f"allowed_lateness_s {allowed_lateness_s}: must be >= 0")
+    window_ms = int(join_window_s * 1000)
+    gap_s = (window_ms + int(allowed_lateness_s * 1000) + 1) / 1000  # a click at t + window still merges
+    sessions = events | "Sessions" >> beam.WindowInto(
+        window.Sessions(gap_s),
+        trigger=trigger.AfterWatermark(early=trigger.AfterCount(2)),
+        accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
+        allowed_lateness=0,
+    )
+    decided = (
+        sessions
+        | "GroupByRequest" >> beam.GroupByKey()
+        | "Decide"
+        >> beam.ParDo(_Decide(window_ms, negative_keep_rate)).with_outputs(_Decide.LATE, main="examples")
+    )
+    return {"examples": decided["examples"], "late": decided[_Decide.LATE]}
+
+
+@beam.ptransform_fn
+def JoinImpressionsAndActions(
+    pcolls, *, join_window_s: float = 60.0, negative_keep_rate: float = 1.0, allowed_lateness_s: float = 0.0
+):
+    """``(impressions, actions)`` PCollections of `Impression` / `Action` (timestamped with their event
+    time) -> ``{"examples": (example_key, example line), "late": (request_id, action line)}``: the events
+    keyed by request id, then `JoinKeyedEvents`.
+
+    A window closes when the watermark passes its end plus `allowed_lateness_s`: a click inside the window
+    by event time that reaches the join behind the watermark by less than that still joins."""
     impressions, actions = pcolls
-    grace = join_window_s if grace_s is None else grace_s
     keyed = (
         impressions
-        | "KeyImpressions" >> beam.Map(lambda i: (i.request_id, ("impression", i))).with_output_types(_KEYED),
-        actions | "KeyActions" >> beam.Map(lambda a: (a.request_id, ("action", a))).with_output_types(_KEYED),
+        | "KeyImpressions"
+        >> beam.Map(lambda i: (i.request_id, ("i", i.time_ms, "\t".join(i.fields)))).with_output_types(
+            _EVENT
+        ),
+        actions
+        | "KeyActions"
+        >> beam.Map(lambda a: (a.request_id, ("c", a.time_ms, a.kind))).with_output_types(_EVENT),
     ) | "Events" >> beam.Flatten()
-    dofn = _Join(join_window_s, negative_keep_rate, grace, allowed_lateness_s)
-    joined = keyed | "Join" >> beam.ParDo(dofn).with_outputs(_Join.LATE, main="examples")
-    return {"examples": joined["examples"], "late": joined[_Join.LATE]}
+    return keyed | "Join" >> JoinKeyedEvents(
+        join_window_s=join_window_s,
+        negative_keep_rate=negative_keep_rate,
+        allowed_lateness_s=allowed_lateness_s,
+    )
 
 
 # -------------------------------------------------------------------------------------------------
@@ -342,15 +332,21 @@ class CtrJoinConfig:
     rejected: str = dataclasses.field(default="rejected-events", metadata={"help": "malformed events"})
     join_window: float = dataclasses.field(default=60.0, metadata={"help": "seconds from an impression"})
     negative_keep_rate: float = 1.0
-    grace: float = dataclasses.field(
-        default=-1.0, metadata={"help": "state kept past the window (-1: one window)"}
-    )
     partitions: int = dataclasses.field(default=1, metadata={"help": "for topics the join creates"})
     allowed_lateness: float = dataclasses.field(
         default=2.0, metadata={"help": "seconds a window waits past the watermark for clicks in flight"}
     )
     start: str = dataclasses.field(
-        default="earliest", metadata={"help": "where the join starts reading: earliest|latest"}
+        default="earliest", metadata={"help": "where a join with no checkpoint starts: earliest|latest"}
+    )
+    group: str = dataclasses.field(
+        default="headrace-ctr-join", metadata={"help": "Kafka consumer group its offsets are committed to"}
+    )
+    checkpoint_dir: str = dataclasses.field(
+        default="", metadata={"help": "Flink checkpoints here; a restarted join resumes from the newest"}
+    )
+    checkpoint_interval: float = dataclasses.field(
+        default=5.0, metadata={"help": "seconds between checkpoints"}
     )
 
 
@@ -381,27 +377,47 @@ def replay() -> ReplayConfig:
 
 
 class _ParseRecord(beam.DoFn):
-    """A Kafka record (with metadata) -> ``("impression", Impression)`` / ``("action", Action)``, or a line
-    naming the topic, partition, offset and field on the ``rejected`` output."""
+    """A Kafka record (with metadata) of one topic -> ``(request_id, (kind, time_ms, payload))``
+    timestamped with the event time in the message (what `JoinKeyedEvents` groups), or a line naming
+    the topic, partition, offset and field on the ``rejected`` output. Impressions are checked (field
+    count, time) but not split into their fields: the example line carries them as they came."""
 
     REJECTED = "rejected"
 
-    def __init__(self, impressions_topic: str):
-        self._impressions = impressions_topic
+    def __init__(self, kind: str):
+        if kind not in ("impression", "action"):
+            raise ValueError(f"kind {kind!r}: impression|action")
+        self._kind = kind
         self._rejected = beam.metrics.Metrics.counter("join", "rejected_events")
-        self._read = beam.metrics.Metrics.counter("join", "events_read")
+        self._read = beam.metrics.Metrics.counter("join", f"{kind}s_read")
+
+    def _parse(self, value: bytes):
+        text = value.decode("utf-8")
+        if self._kind == "action":
+            action = parse_action(text)
+            return action.request_id, ("c", action.time_ms, action.kind)
+        parts = text.rstrip("\n").split("\t", 2)
+        if len(parts) < 3 or parts[2].count("\t") != NUM_FIELDS - 1:
+            got = len(parts) if len(parts) < 3 else 3 + parts[2].count("\t")
+            raise EventError(f"impression: expected {2 + NUM_FIELDS} tab-separated fields, got {got}")
+        if not parts[0]:
+            raise EventError("impression: empty request_id")
+        try:
+            time_ms = int(parts[1])
+        except ValueError:
+            raise EventError(f"impression: event_time_ms {parts[1]!r} is not an integer") from None
+        return parts[0], ("i", time_ms, parts[2])
 
     def process(self, record):
         self._read.inc()
-        where = f"{record.topic}[{record.partition}]@{record.offset}"
         try:
-            if record.topic == self._impressions:
-                yield "impression", parse_impression(record.value)
-            else:
-                yield "action", parse_action(record.value)
+            keyed = self._parse(record.value)
         except (EventError, UnicodeDecodeError) as exc:
             self._rejected.inc()
+            where = f"{record.topic}[{record.partition}]@{record.offset}"
             yield beam.pvalue.TaggedOutput(self.REJECTED, (where, f"{where}: {exc}"))
+            return
+        yield beam.window.TimestampedValue(keyed, keyed[1][1] / 1000)
 
 
 def _encode(kv) -> tuple[bytes, bytes]:
@@ -412,42 +428,54 @@ def _encode(kv) -> tuple[bytes, bytes]:
 def build_ctr_join(pipeline: beam.Pipeline, config: CtrJoinConfig, expansion_service: str) -> dict:
     """Kafka impressions + actions -> Kafka examples, late actions and rejected events.
 
-    One cross-language ReadFromKafka over both topics, with the records' CreateTime as event time (the
-    producer stamps it at send time): the watermark follows the producers, and on an idle partition it
-    advances with the clock, so windows close when traffic pauses. The join is `JoinImpressionsAndActions`.
-    The expansion service must expand the read as an UnboundedSource (``use_deprecated_read``, what
+    One cross-language ReadFromKafka per topic, so that the join's watermark is the minimum of the two
+    (and, within a read, of its partitions): the faster topic cannot close windows the slower one still
+    has events for. Records carry their CreateTime (the producer stamps the event time); the elements are
+    re-stamped with the event time in the message. Offsets are committed to `group` when a checkpoint is
+    finalised (what the group's lag shows); a restarted join resumes from its Flink checkpoint, not from
+    them. The expansion service must expand the reads as UnboundedSources (``use_deprecated_read``, what
     `headrace stream ctr-join` does): on the portable Flink runner the SDF read's watermark never moved.
     """
     from apache_beam.io.kafka import ReadFromKafka, WriteToKafka
 
     if not 0 < config.negative_keep_rate <= 1:
         raise ValueError(f"--negative-keep-rate {config.negative_keep_rate}: must be in (0, 1]")
-    records = pipeline | "ReadEvents" >> ReadFromKafka(
-        # No group.id: with one, reading began only ~2 minutes after the job started (measured here);
-        # the join keeps no offsets and starts from `start` (its state is not checkpointed either).
-        consumer_config={"bootstrap.servers": config.bootstrap, "auto.offset.reset": config.start},
-        topics=[config.impressions, config.actions],
-        timestamp_policy=ReadFromKafka.create_time_policy,
-        with_metadata=True,
-        expansion_service=expansion_service,
-    )
-    parsed = records | "Parse" >> beam.ParDo(_ParseRecord(config.impressions)).with_outputs(
-        _ParseRecord.REJECTED, main="events"
-    )
-    events = parsed["events"]
-    impressions = events | "Impressions" >> beam.FlatMap(lambda e: [e[1]] if e[0] == "impression" else [])
-    actions = events | "Actions" >> beam.FlatMap(lambda e: [e[1]] if e[0] == "action" else [])
-    joined = (impressions, actions) | "Join" >> JoinImpressionsAndActions(
-        join_window_s=config.join_window,
-        negative_keep_rate=config.negative_keep_rate,
-        grace_s=None if config.grace < 0 else config.grace,
-        allowed_lateness_s=config.allowed_lateness,
+    consumer = {
+        "bootstrap.servers": config.bootstrap,
+        "auto.offset.reset": config.start,
+        "group.id": config.group,
+    }
+    events, rejected = [], []
+    for kind, topic in (("impression", config.impressions), ("action", config.actions)):
+        name = kind.capitalize() + "s"
+        records = pipeline | f"Read{name}" >> ReadFromKafka(
+            consumer_config=consumer,
+            topics=[topic],
+            timestamp_policy=ReadFromKafka.create_time_policy,
+            with_metadata=True,
+            commit_offset_in_finalize=True,
+            expansion_service=expansion_service,
+        )
+        parsed = records | f"Parse{name}" >> beam.ParDo(_ParseRecord(kind)).with_outputs(
+            _ParseRecord.REJECTED, main="events"
+        )
+        events.append(parsed["events"])
+        rejected.append(parsed[_ParseRecord.REJECTED])
+    joined = (
+        events
+        | "Events" >> beam.Flatten().with_output_types(_EVENT)
+        | "Join"
+        >> JoinKeyedEvents(
+            join_window_s=config.join_window,
+            negative_keep_rate=config.negative_keep_rate,
+            allowed_lateness_s=config.allowed_lateness,
+        )
     )
     producer = {"bootstrap.servers": config.bootstrap}
     for name, pcoll, topic in (
         ("Examples", joined["examples"], config.examples),
         ("Late", joined["late"], config.late),
-        ("Rejected", parsed[_ParseRecord.REJECTED], config.rejected),
+        ("Rejected", rejected | "AllRejected" >> beam.Flatten(), config.rejected),
     ):
         (
             pcoll

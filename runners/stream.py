@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import logging
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,6 +69,38 @@ def replay(config: ReplayConfig) -> dict:
     return result
 
 
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest completed Flink checkpoint under `directory` (``JOB/chk-N`` with its ``_metadata``)."""
+    done = sorted(directory.glob("*/chk-*/_metadata"), key=lambda p: p.stat().st_mtime)
+    return done[-1].parent if done else None
+
+
+def checkpoint_args(config: CtrJoinConfig, beam_args, scratch: str) -> list[str]:
+    """Flink flags for the join's checkpoints: every `checkpoint_interval` seconds, on the filesystem; in
+    `checkpoint_dir`, kept when the job ends and the newest one restored on start (without one, in
+    `scratch`, a directory that goes with the run)."""
+    args = []
+    if config.checkpoint_interval > 0 and not any(
+        a.startswith("--checkpointing_interval") for a in beam_args
+    ):
+        args.append(f"--checkpointing_interval={round(config.checkpoint_interval * 1000)}")
+    if config.checkpoint_interval > 0:
+        # On the filesystem, never in the JobManager's memory: the join's state passes its 5 MB limit
+        # within seconds on a backlog, the checkpoint fails, and the job restarts (replaying events).
+        directory = Path(config.checkpoint_dir or scratch).absolute()
+        directory.mkdir(parents=True, exist_ok=True)
+        args += [
+            "--state_backend=filesystem",
+            f"--state_backend_storage_path={directory.as_uri()}",
+            "--retain_externalized_checkpoints_on_cancellation",
+        ]
+        latest = latest_checkpoint(directory) if config.checkpoint_dir else None
+        if latest is not None and not any(a.startswith("--savepoint_path") for a in beam_args):
+            _log.info("ctr-join: resuming from checkpoint %s", latest)
+            args.append(f"--savepoint_path={latest.as_uri()}")
+    return args
+
+
 def ctr_join(config: CtrJoinConfig, runner: str | None, beam_args) -> int:
     """Submits the join and waits; Ctrl-C / SIGTERM cancel the job."""
     from headrace.runners import stack
@@ -86,6 +119,8 @@ def ctr_join(config: CtrJoinConfig, runner: str | None, beam_args) -> int:
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         with contextlib.ExitStack() as services:
+            scratch = services.enter_context(tempfile.TemporaryDirectory(prefix="headrace-ctr-join-"))
+            beam_args += checkpoint_args(config, beam_args, scratch)
             address = services.enter_context(stack.expansion_service(experiments=["use_deprecated_read"]))
             if resolve_runner(runner) == "FlinkRunner" and not any(
                 a.startswith("--job_endpoint") for a in beam_args

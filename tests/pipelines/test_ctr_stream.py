@@ -19,6 +19,7 @@ from headrace.pipelines.ctr_stream import (
     correct_probability,
     keep_negative,
     parse_action,
+    parse_example_key,
     parse_impression,
 )
 from headrace.runners.beam_runner import create_pipeline
@@ -55,7 +56,14 @@ def _run(events, *, window=10.0, keep=1.0, lateness=0.0):
     joined = (parts[0], parts[1]) | JoinImpressionsAndActions(
         join_window_s=window, negative_keep_rate=keep, allowed_lateness_s=lateness
     )
-    return p, joined
+    # The final decisions (one per request) and the early positives, keyed by request id.
+    final = joined["examples"] | "Final" >> beam.FlatMap(
+        lambda kv: [(parse_example_key(kv[0])[0], kv[1])] if parse_example_key(kv[0])[2] else []
+    )
+    early = joined["examples"] | "Early" >> beam.FlatMap(
+        lambda kv: [(parse_example_key(kv[0])[0], kv[1])] if not parse_example_key(kv[0])[2] else []
+    )
+    return p, {"examples": final, "early": early, "late": joined["late"]}
 
 
 def _line(label, weight, rid):
@@ -80,6 +88,11 @@ def test_join_window_positives_negatives_late_and_duplicates():
         equal_to(["1a", "1e", "1g", "0b", "0c", "0f"]),  # a, e, g positive; b, c, f negative
         label="labels",
     )
+    # Positives are written early too, as soon as impression and click are both there (once each: e's
+    # second click comes alone and does not fire the early trigger again).
+    assert_that(
+        joined["early"] | "EarlyIds" >> beam.Map(lambda kv: kv[0]), equal_to(["a", "e", "g"]), label="early"
+    )
     assert_that(
         joined["late"] | beam.Map(lambda kv: kv[1].split("\t")[0]), equal_to(["c", "d"]), label="late"
     )
@@ -88,26 +101,20 @@ def test_join_window_positives_negatives_late_and_duplicates():
     p.run().wait_until_finish()
 
 
-@pytest.mark.parametrize("lateness, expected", [(0.0, ([], ["a"])), (3.0, (["1a"], []))])
-def test_allowed_lateness_keeps_a_window_open_past_the_watermark(lateness, expected):
+@pytest.mark.parametrize("lateness, decided", [(0.0, "0"), (3.0, "1")])
+def test_allowed_lateness_keeps_a_window_open_past_the_watermark(lateness, decided):
     # a's window ends at 10; its click (at 9, inside the window) reaches the join when the watermark is
-    # already at 11: late without allowed lateness, a positive with 3 s of it.
+    # already at 11: without allowed lateness a's session was decided at 10 (a negative, and the click does
+    # not turn it into a positive afterwards); with 3 s of it the session is still open and a is a positive.
     events = [[imp("a", 0)], 11, [click("a", 9)], [imp("b", 20)], 1000]
     p, joined = _run(events, lateness=lateness)
-    positives, late = expected
     assert_that(
-        joined["examples"] | "Positives" >> beam.FlatMap(lambda kv: ["1" + kv[0]] if kv[1][0] == "1" else []),
-        equal_to(positives),
-        label="positives",
+        joined["examples"] | "Decided" >> beam.Map(lambda kv: kv[0] + kv[1][0]),
+        equal_to(["a" + decided, "b0"]),
+        label="decided",
     )
-    assert_that(joined["late"] | beam.Map(lambda kv: kv[0]), equal_to(late), label="late")
-    # b's window end and its state's end are both due when the watermark jumps to 1000: one timer per
-    # request, so the window still closes on its impression (a negative) before the state goes.
-    assert_that(
-        joined["examples"] | "B" >> beam.FlatMap(lambda kv: [kv[1][0]] if kv[0] == "b" else []),
-        equal_to(["0"]),
-        label="b",
-    )
+    early = ["a"] if decided == "1" else []
+    assert_that(joined["early"] | "EarlyIds" >> beam.Map(lambda kv: kv[0]), equal_to(early), label="early")
     p.run().wait_until_finish()
 
 
@@ -170,31 +177,47 @@ def test_replay_turns_a_criteo_log_into_time_ordered_events(tmp_path):
 
 
 def test_kafka_records_parse_or_land_in_rejected_naming_the_record(fnapi_pipeline):
-    """What `stream ctr-join` does with each Kafka record before the join (records as KafkaIO gives them)."""
+    """What `stream ctr-join` does with each Kafka record before the join (records as KafkaIO gives them):
+    one parser per topic, events keyed by request id and stamped with their event time."""
     from headrace.pipelines.ctr_stream import _ParseRecord
 
-    records = [
-        Record("imps", 0, 0, "\t".join(["r1", "7", *FIELDS]).encode()),
-        Record("acts", 0, 0, b"r1\t9\tclick"),
+    impressions = [
+        Record("imps", 0, 0, "\t".join(["r1", "7000", *FIELDS]).encode()),
         Record("imps", 1, 5, b"r2\tnot-a-time\t" + b"\t".join(f.encode() for f in FIELDS)),
+        Record("imps", 1, 6, "\t".join(["r2", "7", *FIELDS[:-1]]).encode()),
+    ]
+    actions = [
+        Record("acts", 0, 0, b"r1\t9000\tclick"),
         Record("acts", 0, 1, b"r3\t9"),
         Record("acts", 0, 2, b"\xff\xfe"),
     ]
+    reasons = {
+        "imps[1]@5": "event_time_ms 'not-a-time'",
+        "imps[1]@6": "expected 41 tab-separated fields, got 40",
+        "acts[0]@1": "expected 3",
+        "acts[0]@2": "utf-8",
+    }
     with fnapi_pipeline() as p:
-        parsed = (
-            p
-            | beam.Create(records)
-            | beam.ParDo(_ParseRecord("imps")).with_outputs(_ParseRecord.REJECTED, main="events")
-        )
-        assert_that(
-            parsed["events"] | beam.Map(lambda e: (e[0], e[1].request_id)),
-            equal_to([("impression", "r1"), ("action", "r1")]),
-            label="events",
-        )
-        reasons = {"imps[1]@5": "event_time_ms 'not-a-time'", "acts[0]@1": "expected 3", "acts[0]@2": "utf-8"}
-        assert_that(
-            parsed[_ParseRecord.REJECTED]
-            | beam.Map(lambda kv: (kv[0], reasons[kv[0]] in kv[1] and kv[1].startswith(kv[0] + ": "))),
-            equal_to([(where, True) for where in reasons]),
-            label="rejected",
-        )
+        for kind, records in (("impression", impressions), ("action", actions)):
+            parsed = (
+                p
+                | f"{kind}s" >> beam.Create(records)
+                | f"Parse{kind}"
+                >> beam.ParDo(_ParseRecord(kind)).with_outputs(_ParseRecord.REJECTED, main="events")
+            )
+            assert_that(
+                parsed["events"]
+                | f"Stamp{kind}"
+                >> beam.Map(lambda kv, t=beam.DoFn.TimestampParam: (kv[0], kv[1][0], kv[1][1], t.micros)),
+                equal_to(
+                    [("r1", "i", 7000, 7_000_000)] if kind == "impression" else [("r1", "c", 9000, 9_000_000)]
+                ),
+                label=f"events-{kind}",
+            )
+            assert_that(
+                parsed[_ParseRecord.REJECTED]
+                | f"Why{kind}"
+                >> beam.Map(lambda kv: (kv[0], reasons[kv[0]] in kv[1] and kv[1].startswith(kv[0] + ": "))),
+                equal_to([(where, True) for where in reasons if where.startswith(kind[:3])]),
+                label=f"rejected-{kind}",
+            )
