@@ -175,12 +175,13 @@ def example_key(request_id: str, impression_ms: int, watermark_ms: int) -> str:
     return f"{request_id}\t{impression_ms}\t{watermark_ms}"
 
 
-def parse_example_key(key: bytes | str) -> tuple[str, int, int]:
-    """``(request_id, impression_time_ms, watermark_ms)``; a bare request id (an older join) -> (id, 0, 0)."""
-    text = key.decode("utf-8") if isinstance(key, bytes) else key
+def parse_example_key(key: bytes | str) -> tuple[str, int, int] | None:
+    """``(request_id, impression_time_ms, watermark_ms)``, or None for a key that is not one (no key, a
+    bare request id: examples that did not come from this join)."""
+    text = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
     parts = text.split("\t")
-    if len(parts) != 3:
-        return text, 0, 0
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        return None
     return parts[0], int(parts[1]), int(parts[2])
 
 

@@ -107,6 +107,12 @@ class CTRTrainConfig(loop.TrainConfig):
     max_wait: float = dataclasses.field(
         default=10.0, metadata={"help": "longest an example waits in the buffer before training (s)"}
     )
+    dedupe_horizon: float = dataclasses.field(
+        default=180.0,
+        metadata={
+            "help": "seconds behind the join's watermark a request id is remembered (--online; >= 2x the join window)"
+        },
+    )
     read_chunk: int = 8192
     partition_refresh: float = dataclasses.field(
         default=10.0, metadata={"help": "seconds between listings of the topic's partitions (--online)"}

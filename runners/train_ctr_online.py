@@ -41,6 +41,7 @@ from headrace.models.embedding import FIELDS, serving_ids
 from headrace.pipelines.ctr_stream import EXAMPLE_LINE
 from headrace.runners import loop, stack
 from headrace.runners.ctr_task import CTRTask, CTRTrainConfig
+from headrace.runners.impression_order import ImpressionOrder
 from headrace.runners.kafka import PartitionReader
 from headrace.runners.serving import ServingPublisher
 from headrace.runners.shuffle_buffer import ShuffleBuffer
@@ -102,6 +103,19 @@ class OnlineCTRTask(CTRTask):
             tf.zeros([0, 2], tf.int64), shape=[None, 2], trainable=False, name="pending_where"
         )
         self.buffer = ShuffleBuffer(c.batch_size, c.shuffle_buffer, c.max_wait, c.seed)
+        # The first example per request id, in impression-time order (`ImpressionOrder`), its state saved
+        # with the offsets: request ids remembered, examples held for the join's watermark.
+        self.order = ImpressionOrder(c.dedupe_horizon)
+        self.order_state = {
+            "seen_ids": tf.Variable(tf.zeros([0], tf.string), shape=[None], trainable=False, name="seen_ids"),
+            "seen_ms": tf.Variable(tf.zeros([0], tf.int64), shape=[None], trainable=False, name="seen_ms"),
+            "held": tf.Variable(tf.zeros([0], tf.string), shape=[None], trainable=False, name="held"),
+            "held_where": tf.Variable(
+                tf.zeros([0, 3], tf.int64), shape=[None, 3], trainable=False, name="held_where"
+            ),
+            "watermark": tf.Variable(np.int64(0), trainable=False, name="join_watermark"),
+            "duplicates": tf.Variable(np.int64(0), trainable=False, name="duplicates_skipped"),
+        }
         self.publisher = ServingPublisher(self, Path(c.serving_dir), c.keep_versions)
         self._last_dense = time.monotonic()
 
@@ -116,6 +130,7 @@ class OnlineCTRTask(CTRTask):
             "keep_rate": self.keep_rate,
             "pending": self.pending,
             "pending_where": self.pending_where,
+            **{f"order_{name}": v for name, v in self.order_state.items()},
         }
         return groups
 
@@ -126,12 +141,14 @@ class OnlineCTRTask(CTRTask):
         self.readers = [PartitionReader(c.bootstrap, c.examples, p) for p in saved]
         self._refresh_partitions()
         self.buffer.restore(self.pending.numpy(), self.pending_where.numpy(), time.monotonic())
+        self.order.restore(**{name: v.numpy() for name, v in self.order_state.items()})
         _log.info(
-            "online: resumed at step %d, %d examples trained, offsets %s, %d pending",
+            "online: resumed at step %d, %d examples trained, offsets %s, %d pending, %d held",
             fit.step,
             int(self.trained.numpy()),
             self.offsets.numpy().tolist(),
             len(self.buffer),
+            len(self.order),
         )
 
     def checkpoint_seconds(self) -> float:
@@ -141,6 +158,10 @@ class OnlineCTRTask(CTRTask):
         lines, where = self.buffer.state()
         self.pending.assign(tf.constant(lines, tf.string, shape=[len(lines)]))
         self.pending_where.assign(where)
+        for name, value in self.order.state().items():
+            if value.dtype == object:
+                value = tf.constant(value.tolist(), tf.string, shape=[len(value)])
+            self.order_state[name].assign(value)
 
     # -- the stream -------------------------------------------------------------------------------
 
@@ -179,11 +200,14 @@ class OnlineCTRTask(CTRTask):
         for i, reader in enumerate(self.readers):
             end = reader.end()
             if end > read[i]:
-                lines = reader.read(int(read[i]), int(min(end, read[i] + self.config.read_chunk)))
-                for k, line in enumerate(lines):
-                    self.buffer.add(i, int(read[i]) + k, line, now)
-                read[i] += len(lines)
-                got += len(lines)
+                pairs = reader.read_keyed(int(read[i]), int(min(end, read[i] + self.config.read_chunk)))
+                for k, (key, line) in enumerate(pairs):
+                    if self.order.offer(key, i, int(read[i]) + k, line):
+                        self.buffer.add(i, int(read[i]) + k, line, now)
+                read[i] += len(pairs)
+                got += len(pairs)
+        for i, offset, line in self.order.release():
+            self.buffer.add(i, offset, line, now)
         if got:
             self.offsets.assign(read)
         return got
@@ -227,7 +251,11 @@ class OnlineCTRTask(CTRTask):
             done = (
                 bool(c.max_examples) and int(self.trained.numpy() + self.rejected.numpy()) >= c.max_examples
             )
-            idle = bool(c.idle_timeout) and not len(self.buffer) and now - last_data >= c.idle_timeout
+            quiet = bool(c.idle_timeout) and now - last_data >= c.idle_timeout
+            if quiet and len(self.order):  # no watermark will come to let them through: train them now
+                for i, offset, line in self.order.release(everything=True):
+                    self.buffer.add(i, offset, line, now)
+            idle = quiet and not len(self.buffer) and not len(self.order)
             if done or idle:
                 self.stopped = "max_examples" if done else "idle"
                 return
@@ -268,7 +296,7 @@ class OnlineCTRTask(CTRTask):
             step=fit.step,
             examples_trained=int(self.trained.numpy()),
             offsets=self.offsets.numpy().tolist(),
-            trained_below=self.buffer.lowest(self.offsets.numpy()).tolist(),
+            trained_below=self.order.lowest(self.buffer.lowest(self.offsets.numpy())).tolist(),
             pending=len(self.buffer),
             loss=float(np.mean(losses[-50:])) if losses else None,
         )
@@ -302,6 +330,9 @@ class OnlineCTRTask(CTRTask):
             "serving_version": self.publisher.version,
             "negative_keep_rate": float(self.keep_rate.numpy()),
             "stopped": self.stopped,
+            "duplicates_skipped": self.order.duplicates,
+            "held": len(self.order),
+            "join_watermark_ms": self.order.watermark,
             # What this run's work sustains: reading, training, publishing and checkpointing, not the waits
             # for data (nor for the shuffle buffer to fill).
             "examples_per_sec": self.trained_here / busy if busy > 0 else 0.0,

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from headrace.models import metrics as metrics_lib
-from headrace.pipelines.ctr_stream import keep_negative, replay_events
+from headrace.pipelines.ctr_stream import keep_negative, parse_example_key, replay_events
 from headrace.runners import stack
 from headrace.runners.serving import ServingCopy
 
@@ -147,11 +147,13 @@ def test_replay_kafka_flink_join_online_trainer(kafka_broker, flink_jar, tmp_pat
             ends = stack.end_offsets(kafka_broker, [topics[2], topics[3]])
             return ends[(topics[2], 0)], ends[(topics[3], 0)]
 
+        # One final decision per impression, and every positive written early too.
+        written = expected + len(positives)
         _wait_for(
             offsets,
-            (expected, len(clicks) - len(positives)),
+            (written, len(clicks) - len(positives)),
             timeout=300,
-            what=f"{expected} examples and {len(clicks) - len(positives)} late clicks",
+            what=f"{written} examples and {len(clicks) - len(positives)} late clicks",
             log=join_log,
         )
         assert online.wait(timeout=300) == 0, (tmp_path / "online.log").read_text()[-3000:]
@@ -168,31 +170,39 @@ def test_replay_kafka_flink_join_online_trainer(kafka_broker, flink_jar, tmp_pat
     # impression at most one example; negatives sampled by the request id's hash and weighted 1/R.
     examples = _read(kafka_broker, topics[2])
     late = _read(kafka_broker, topics[3])
-    assert offsets() == (expected, len(clicks) - len(positives))  # nothing more came after the wait
+    assert offsets() == (written, len(clicks) - len(positives))  # nothing more came after the wait
     # The probe (two messages: tfio cannot read a lone one), naming where each was and what was wrong.
     reason = "impression: expected 41 tab-separated fields, got 1"
     assert _read(kafka_broker, topics[4]) == [
         (f"{topics[0]}[0]@{i}", f"{topics[0]}[0]@{i}: {reason}") for i in (0, 1)
     ]
-    ids = [k for k, _ in examples]
+    keys = [parse_example_key(k) for k, _ in examples]
+    # Keys carry the impression time (the replay's start plus the reference's offset).
+    assert len({k[1] - impressions[k[0]] for k in keys}) == 1
+    final = [(k[0], v) for k, (_, v) in zip(keys, examples, strict=True) if k[2]]
+    early = [k[0] for k in keys if not k[2]]
+    assert sorted(early) == sorted(positives)  # each positive early, once
+    ids = [k for k, _ in final]
     assert len(set(ids)) == len(ids)
-    by_label = {label: {k for k, v in examples if v.split("\t")[0] == label} for label in ("0", "1")}
+    by_label = {label: {k for k, v in final if v.split("\t")[0] == label} for label in ("0", "1")}
     assert by_label["1"] == positives
     assert by_label["0"] == negatives
-    assert {v.split("\t")[1] for k, v in examples if k in negatives} == {f"{1 / KEEP:.6g}"}
+    assert {v.split("\t")[1] for k, v in final if k in negatives} == {f"{1 / KEEP:.6g}"}
     assert {k for k, _ in late} == clicks - positives
     assert len(positives) > 500 and len(late) > 10  # the log exercises both cases
 
-    # The online trainer consumed exactly what the join wrote, and published several serving copies.
+    # The online trainer read all the join wrote and trained each request once: the early positives'
+    # final decisions were skipped as duplicates.
     result = json.loads((tmp_path / "model-online" / "metrics.json").read_text())
-    assert result["examples_trained"] == expected and result["offsets"] == {"0": expected}
+    assert result["examples_trained"] == expected and result["offsets"] == {"0": written}
+    assert result["duplicates_skipped"] == len(positives) and result["held"] == 0
     syncs = [json.loads(x) for x in (tmp_path / "model-online" / "syncs.jsonl").read_text().splitlines()]
     assert len({s["version"] for s in syncs}) >= 3
 
     # Monolith's batch baseline: a model trained once on the first part of the stream (the examples the
     # join made for the first 10% of impressions, shuffled, one pass), against the online serving copy.
     first_part = {f"e{k}" for k in range(len(stream) // 10)}
-    first_lines = [v for k, v in examples if k in first_part]
+    first_lines = [v for k, v in final if k in first_part]
     (tmp_path / "first.txt").write_text("\n".join(first_lines) + "\n")
     produce_file(kafka_broker, "e2e-first", tmp_path / "first.txt")
     batch = _trainer(kafka_broker, tmp_path, "first", len(first_lines), topic="e2e-first")
