@@ -266,6 +266,40 @@ def test_replay_cli_and_offset_reads_on_the_broker(kafka_broker, tmp_path):
 
 
 @pytest.mark.kafka
+def test_replay_runs_faster_than_real_time_with_event_time_stamps(kafka_broker, tmp_path):
+    """`stream replay --rate 20000`: 20,000 impressions in about a second, each record's timestamp (the
+    CreateTime the join reads) equal to the event time in its message."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from headrace.pipelines.ctr_data import generate
+
+    generate(tmp_path / "log.tsv", 20000, seed=5)
+    cmd = [sys.executable, "-m", "headrace.runners.cli", "stream", "replay", "--input", str(tmp_path / "log.tsv"),
+           "--bootstrap", kafka_broker, "--rate", "20000", "--mean-click-delay", "0.001", "--impressions", "fast-imps",
+           "--actions", "fast-acts"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert counts["impressions"] == 20000
+    assert counts["seconds"] < 5  # about 1 s on schedule; a loaded machine may fall a little behind
+    consumer = Consumer(
+        {"bootstrap.servers": kafka_broker, "group.id": "replay-check", "enable.auto.commit": False}
+    )
+    try:
+        consumer.assign([TopicPartition("fast-imps", 0, 0)])
+        got = []
+        while len(got) < 20000:
+            batch = consumer.consume(5000, timeout=10)
+            assert batch, f"only {len(got)} impressions read back"
+            got += [(m.timestamp()[1], m.value().split(b"\t", 2)[1]) for m in batch]
+    finally:
+        consumer.close()
+    assert all(ts == int(t) for ts, t in got)
+    span = (got[-1][0] - got[0][0]) / 1000
+    assert 0.9 < span < 1.1  # the schedule: 20,000 impressions over one second of event time
+
+
+@pytest.mark.kafka
 def test_partitions_added_while_training_are_read(kafka_broker, tmp_path):
     topic = "online-growing"
     stack.create_topics(kafka_broker, [topic], partitions=1)
