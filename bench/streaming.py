@@ -1,6 +1,7 @@
 """Benchmark: the online trainer on a real Kafka broker: sustained examples/s, freshness, AUC vs batch.
 
     python bench/streaming.py [--lines 40000] [--rate 2000] [--syncs 1,5] [--model fm]
+    python bench/streaming.py --production --join-rate 1000 --join-lines 30000   (the issue-17 table)
 
 A producer sends joined examples (label, weight, 39 raw fields: what `stream ctr-join` writes) to a topic
 at --rate per second and records when each was sent; `headrace train ctr --online` trains from the topic
@@ -158,7 +159,9 @@ def run_join(bootstrap, rows, work: Path, rate: float, sync: float, model: str, 
             time.sleep(1)
         with open(work / "trainer.log", "w") as log:
             trainer = subprocess.Popen(
-                trainer_cmd(bootstrap, topics[2], work, model, sync, "--idle-timeout", "60"),
+                trainer_cmd(
+                    bootstrap, topics[2], work, model, sync, "--idle-timeout", "60", "--max-wait", "3"
+                ),
                 stdout=subprocess.DEVNULL,
                 stderr=log,
             )
@@ -185,8 +188,13 @@ def run_join(bootstrap, rows, work: Path, rate: float, sync: float, model: str, 
         [sys.executable, "-c", _READ_TOPIC, bootstrap, topics[2]], capture_output=True, text=True, check=True
     )
     examples = json.loads(out.stdout)
-    offsets = np.array([k for k, (_, v) in enumerate(examples) if v.startswith("1\t")])
-    clicked = np.array([click_ms[examples[k][0]] / 1000 for k in offsets])
+    first: dict[str, int] = {}  # a positive's first message (the early one) per request id
+    for k, (key, value) in enumerate(examples):
+        rid = key.split("\t", 1)[0]
+        if value.startswith("1\t") and rid not in first:
+            first[rid] = k
+    offsets = np.array(sorted(first.values()))
+    clicked = np.array([click_ms[examples[k][0].split("\t", 1)[0]] / 1000 for k in offsets])
     published, ok = serving_times(work, offsets)
     latency = published - clicked[ok]
     metrics = json.loads((work / "model" / "metrics.json").read_text())
@@ -199,6 +207,99 @@ def run_join(bootstrap, rows, work: Path, rate: float, sync: float, model: str, 
         "per_sec": metrics["examples_per_sec"],
         "serving": work / "serving",
     }
+
+
+# Before the join was rewritten (commit 292a156: a stateful DoFn, one Kafka read over both topics), with the
+# same backlog method on this machine: 27,041 events of a 20,000-line backlog at 208-210 events/s (the issue
+# quotes about 220); a click reached a serving copy in 11-16 s (the issue's figure, at 100 impressions/s).
+BASELINE = {"join_events_per_s": 210.0, "p50": 11.0, "p95": 16.0}
+
+
+def join_backlog(work: Path, lines: int) -> dict:
+    """The join's sustained rate: `lines` of a generated log become a backlog of impressions and clicks
+    (record timestamps = event times, an hour ago), then `stream ctr-join` starts on it; events/s from its
+    first output to its last final decision, and its final decisions against a plain-Python reference."""
+    from confluent_kafka import Producer
+
+    from headrace.pipelines.ctr_stream import parse_example_key, replay_events
+
+    work.mkdir(parents=True)
+    broker = stack.start_kafka(workdir=work / "kafka")
+    try:
+        bootstrap = broker.bootstrap
+        generate(work / "log.tsv", lines, seed=3)
+        topics = ["bl-imps", "bl-acts", "bl-examples", "bl-late", "bl-rejected"]
+        stack.create_topics(bootstrap, topics)
+        producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
+        impressions, clicks = {}, {}
+        start = int(time.time() * 1000) - 3_600_000
+        log = (work / "log.tsv").read_text().splitlines()
+        for topic, t, message in replay_events(log, start_ms=start, rate=1000, prefix="b"):
+            producer.produce(
+                topics[0] if topic == "impressions" else topics[1], message.encode(), timestamp=t
+            )
+            producer.poll(0)
+            (impressions if topic == "impressions" else clicks)[message.split("\t", 1)[0]] = t
+        producer.flush()
+        positives = {r for r, t in clicks.items() if t - impressions[r] <= 60_000}
+        events = len(impressions) + len(clicks)
+        cli = [sys.executable, "-m", "headrace.runners.cli"]
+        with open(work / "join.log", "w") as out:
+            join = subprocess.Popen(
+                [*cli, "stream", "ctr-join", "--runner", "flink", "--bootstrap", bootstrap,
+                 "--impressions", topics[0], "--actions", topics[1], "--examples", topics[2],
+                 "--late", topics[3], "--rejected", topics[4]],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        target = len(impressions) + len(positives)  # a final decision per impression, positives early too
+        first = done = None
+        try:
+            deadline = time.monotonic() + 900
+            while time.monotonic() < deadline:
+                written = stack.end_offsets(bootstrap, [topics[2]])[(topics[2], 0)]
+                if written and first is None:
+                    first = time.monotonic()
+                if written >= target:
+                    done = time.monotonic()
+                    break
+                time.sleep(0.5)
+        finally:
+            os.killpg(join.pid, 15)
+            join.wait(60)
+        if done is None:
+            raise RuntimeError((work / "join.log").read_text()[-3000:])
+        out = subprocess.run(
+            [sys.executable, "-c", _READ_TOPIC, bootstrap, topics[2]],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        final = {}
+        for key, value in json.loads(out.stdout):
+            rid, _, watermark = parse_example_key(key)
+            if watermark:
+                final[rid] = value[0]
+        exact = {r for r, v in final.items() if v == "1"} == positives and len(final) == len(impressions)
+        return {"events": events, "seconds": done - first, "per_sec": events / (done - first), "exact": exact}
+    finally:
+        stack.stop(broker)
+
+
+def print_production(backlog: dict, joined: dict, args) -> None:
+    print(
+        "\nstreaming at production rates (this machine: 2 cores, the join, Kafka and the trainer share them)"
+    )
+    print(f"{'figure':<52} {'before':>10} {'now':>10} {'ratio':>7}")
+    rate = backlog["per_sec"]
+    print(f"{'join events/s, sustained on a backlog':<52} {BASELINE['join_events_per_s']:>10,.0f} {rate:>10,.0f} "
+          f"{rate / BASELINE['join_events_per_s']:>6.1f}x")  # fmt: skip
+    print(f"  ({backlog['events']:,} events in {backlog['seconds']:.1f} s from the first output to the last "
+          f"decision; final decisions equal the reference: {'yes' if backlog['exact'] else 'NO'})")  # fmt: skip
+    for q in ("p50", "p95"):
+        print(f"{'click -> serving copy ' + q + ' s at ' + format(args.join_rate, '.0f') + ' impressions/s':<52} "
+              f"{BASELINE[q]:>10.1f} {joined[q]:>10.2f} {joined[q] / BASELINE[q]:>6.2f}x")  # fmt: skip
+    print("\n`headrace serve ctr` under load while a new version is swapped in (bench/serve.py):")
+    subprocess.run([sys.executable, str(Path(__file__).with_name("serve.py")), "--seconds", "5"], check=True)
 
 
 def serving_auc(serving: Path, held_out) -> float:
@@ -238,7 +339,33 @@ def main() -> None:
     parser.add_argument("--join-rate", type=float, default=100.0, help="impressions/s into the join")
     parser.add_argument("--join-window", type=float, default=10.0)
     parser.add_argument("--join-only", action="store_true", help="only the run through the Flink join")
+    parser.add_argument(
+        "--production", action="store_true",
+        help="only the production-rate table: join events/s on a backlog, click -> serving at --join-rate, server",
+    )  # fmt: skip
+    parser.add_argument("--backlog-lines", type=int, default=100_000, help="lines of the join's backlog")
     args = parser.parse_args()
+    if args.production:
+        with tempfile.TemporaryDirectory() as tmp:
+            backlog = join_backlog(Path(tmp) / "backlog", args.backlog_lines)
+            broker = stack.start_kafka(workdir=Path(tmp) / "kafka")
+            try:
+                generate(Path(tmp) / "log.tsv", args.join_lines, seed=5)
+                rows = [r.split("\t") for r in (Path(tmp) / "log.tsv").read_text().splitlines()]
+                rows = [r for r in rows if len(r) == 40 and r[0] in ("0", "1")]
+                joined = run_join(
+                    broker.bootstrap,
+                    rows,
+                    Path(tmp) / "join",
+                    args.join_rate,
+                    1.0,
+                    args.model,
+                    args.join_window,
+                )
+            finally:
+                stack.stop(broker)
+        print_production(backlog, joined, args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         broker = stack.start_kafka(workdir=tmp / "kafka")

@@ -117,7 +117,13 @@ def checkpoint_args(config: CtrJoinConfig, beam_args, scratch: str) -> list[str]
         latest = latest_checkpoint(directory) if config.checkpoint_dir else None
         if latest is not None and not any(a.startswith("--savepoint_path") for a in beam_args):
             _log.info("ctr-join: resuming from checkpoint %s", latest)
-            args.append(f"--savepoint_path={latest.as_uri()}")
+            # Beam applies --savepoint_path only for a remote Flink master; the embedded cluster of the
+            # job server ([local]) reads the restore path from the Flink configuration it is given.
+            conf = Path(scratch) / "flink-conf"
+            conf.mkdir(exist_ok=True)
+            for name in ("config.yaml", "flink-conf.yaml"):
+                (conf / name).write_text(f"execution.savepoint.path: {latest.as_uri()}\n")
+            args += [f"--savepoint_path={latest.as_uri()}", f"--flink_conf_dir={conf}"]
     return args
 
 
