@@ -51,6 +51,7 @@ __all__ = [
     "parse_action",
     "parse_impression",
     "replay_events",
+    "split_impression",
 ]
 
 NUM_FIELDS = len(FIELDS)
@@ -84,18 +85,26 @@ class EventError(ValueError):
     """A malformed event; the message names the field."""
 
 
-def parse_impression(value: bytes | str) -> Impression:
+def split_impression(value: bytes | str) -> tuple[str, int, str]:
+    """``(request_id, event_time_ms, the 39 raw fields still tab-joined)``: the checks of
+    `parse_impression` without splitting the fields (what the join carries)."""
     text = value.decode("utf-8") if isinstance(value, bytes) else value
-    parts = text.rstrip("\n").split("\t")
-    if len(parts) != 2 + NUM_FIELDS:
-        raise EventError(f"impression: expected {2 + NUM_FIELDS} tab-separated fields, got {len(parts)}")
+    parts = text.rstrip("\n").split("\t", 2)
+    got = len(parts) if len(parts) < 3 else 3 + parts[2].count("\t")
+    if got != 2 + NUM_FIELDS:
+        raise EventError(f"impression: expected {2 + NUM_FIELDS} tab-separated fields, got {got}")
     if not parts[0]:
         raise EventError("impression: empty request_id")
     try:
         time_ms = int(parts[1])
     except ValueError:
         raise EventError(f"impression: event_time_ms {parts[1]!r} is not an integer") from None
-    return Impression(parts[0], time_ms, tuple(parts[2:]))
+    return parts[0], time_ms, parts[2]
+
+
+def parse_impression(value: bytes | str) -> Impression:
+    request_id, time_ms, fields = split_impression(value)
+    return Impression(request_id, time_ms, tuple(fields.split("\t")))
 
 
 def parse_action(value: bytes | str) -> Action:
@@ -163,7 +172,12 @@ def correct_probability(p, keep_rate: float):
 
 
 def example_line(impression: Impression, label: int, weight: float) -> str:
-    return EXAMPLE_LINE.format([label, weight, *impression.fields])
+    return _example_text(label, weight, "\t".join(impression.fields))
+
+
+def _example_text(label: int, weight: float, fields: str) -> str:
+    """An `EXAMPLE_LINE` from the 39 raw fields as they came, tab-joined (no split and join per example)."""
+    return f"{label}\t{weight:.6g}\t{fields}"
 
 
 def example_key(request_id: str, impression_ms: int, watermark_ms: int) -> str:
@@ -228,7 +242,7 @@ class _Decide(beam.DoFn):
         if not final:
             if inside:
                 self._early.inc()
-                yield example_key(request_id, impression[0], 0), f"1\t1\t{impression[1]}"
+                yield example_key(request_id, impression[0], 0), _example_text(1, 1.0, impression[1])
             return
         self._requests.update(len(impressions) + len(clicks))
         self._duplicates.inc(max(len(impressions) - 1, 0) + max(len(inside) - 1, 0))
@@ -236,10 +250,10 @@ class _Decide(beam.DoFn):
             key = example_key(request_id, impression[0], window.end.micros // 1000)
             if inside:
                 self._positives.inc()
-                yield key, f"1\t1\t{impression[1]}"
+                yield key, _example_text(1, 1.0, impression[1])
             elif keep_negative(request_id, self._keep):
                 self._negatives.inc()
-                yield key, f"0\t{1.0 / self._keep:.6g}\t{impression[1]}"
+                yield key, _example_text(0, 1.0 / self._keep, impression[1])
             else:
                 self._dropped.inc()
         for c in clicks:
@@ -397,17 +411,8 @@ class _ParseRecord(beam.DoFn):
         if self._kind == "action":
             action = parse_action(text)
             return action.request_id, ("c", action.time_ms, action.kind)
-        parts = text.rstrip("\n").split("\t", 2)
-        if len(parts) < 3 or parts[2].count("\t") != NUM_FIELDS - 1:
-            got = len(parts) if len(parts) < 3 else 3 + parts[2].count("\t")
-            raise EventError(f"impression: expected {2 + NUM_FIELDS} tab-separated fields, got {got}")
-        if not parts[0]:
-            raise EventError("impression: empty request_id")
-        try:
-            time_ms = int(parts[1])
-        except ValueError:
-            raise EventError(f"impression: event_time_ms {parts[1]!r} is not an integer") from None
-        return parts[0], ("i", time_ms, parts[2])
+        request_id, time_ms, fields = split_impression(text)
+        return request_id, ("i", time_ms, fields)
 
     def process(self, record):
         self._read.inc()

@@ -75,7 +75,7 @@ def replay(config: ReplayConfig) -> dict:
                 except BufferError:  # the local queue is full: let librdkafka send
                     producer.poll(0.05)
             counts[kind] += 1
-            if (counts["impressions"] & 1023) == 0:
+            if (counts["impressions"] + counts["actions"]) % 1024 == 0:  # delivery reports
                 producer.poll(0)
             if time.monotonic() - last_log > config.log_every_seconds:
                 last_log = time.monotonic()
@@ -99,31 +99,30 @@ def checkpoint_args(config: CtrJoinConfig, beam_args, scratch: str) -> list[str]
     """Flink flags for the join's checkpoints: every `checkpoint_interval` seconds, on the filesystem; in
     `checkpoint_dir`, kept when the job ends and the newest one restored on start (without one, in
     `scratch`, a directory that goes with the run)."""
+    if config.checkpoint_interval <= 0:
+        return []
     args = []
-    if config.checkpoint_interval > 0 and not any(
-        a.startswith("--checkpointing_interval") for a in beam_args
-    ):
+    if not any(a.startswith("--checkpointing_interval") for a in beam_args):
         args.append(f"--checkpointing_interval={round(config.checkpoint_interval * 1000)}")
-    if config.checkpoint_interval > 0:
-        # On the filesystem, never in the JobManager's memory: the join's state passes its 5 MB limit
-        # within seconds on a backlog, the checkpoint fails, and the job restarts (replaying events).
-        directory = Path(config.checkpoint_dir or scratch).absolute()
-        directory.mkdir(parents=True, exist_ok=True)
-        args += [
-            "--state_backend=filesystem",
-            f"--state_backend_storage_path={directory.as_uri()}",
-            "--retain_externalized_checkpoints_on_cancellation",
-        ]
-        latest = latest_checkpoint(directory) if config.checkpoint_dir else None
-        if latest is not None and not any(a.startswith("--savepoint_path") for a in beam_args):
-            _log.info("ctr-join: resuming from checkpoint %s", latest)
-            # Beam applies --savepoint_path only for a remote Flink master; the embedded cluster of the
-            # job server ([local]) reads the restore path from the Flink configuration it is given.
-            conf = Path(scratch) / "flink-conf"
-            conf.mkdir(exist_ok=True)
-            for name in ("config.yaml", "flink-conf.yaml"):
-                (conf / name).write_text(f"execution.savepoint.path: {latest.as_uri()}\n")
-            args += [f"--savepoint_path={latest.as_uri()}", f"--flink_conf_dir={conf}"]
+    # On the filesystem, never in the JobManager's memory: the join's state passes its 5 MB limit within
+    # seconds on a backlog, the checkpoint fails, and the job restarts (replaying events).
+    directory = Path(config.checkpoint_dir or scratch).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    args += [
+        "--state_backend=filesystem",
+        f"--state_backend_storage_path={directory.as_uri()}",
+        "--retain_externalized_checkpoints_on_cancellation",
+    ]
+    latest = latest_checkpoint(directory) if config.checkpoint_dir else None
+    if latest is not None and not any(a.startswith("--savepoint_path") for a in beam_args):
+        _log.info("ctr-join: resuming from checkpoint %s", latest)
+        # Beam applies --savepoint_path only for a remote Flink master; the embedded cluster of the
+        # job server ([local]) reads the restore path from the Flink configuration it is given.
+        conf = Path(scratch) / "flink-conf"
+        conf.mkdir(exist_ok=True)
+        for name in ("config.yaml", "flink-conf.yaml"):
+            (conf / name).write_text(f"execution.savepoint.path: {latest.as_uri()}\n")
+        args += [f"--savepoint_path={latest.as_uri()}", f"--flink_conf_dir={conf}"]
     return args
 
 
