@@ -128,6 +128,27 @@ print(json.dumps([[k.decode(), m.decode()] for k, m in reader.read_keyed(0, read
 """
 
 
+def read_appended(bootstrap: str, topic: str) -> list[tuple[str, str, float]]:
+    """Every message of partition 0 of `topic` as ``(key, value, seconds)``: the record's timestamp, the
+    broker's append time for a topic created with ``message.timestamp.type=LogAppendTime``."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    end = stack.end_offsets(bootstrap, [topic])[(topic, 0)]
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": "bench-read", "enable.auto.commit": False}
+    )
+    consumer.assign([TopicPartition(topic, 0, 0)])
+    out = []
+    try:
+        while len(out) < end:
+            for m in consumer.consume(10_000, timeout=5):
+                if m.error() is None:
+                    out.append((m.key().decode(), m.value().decode(), m.timestamp()[1] / 1000))
+    finally:
+        consumer.close()
+    return out
+
+
 def run_join(bootstrap, rows, work: Path, rate: float, sync: float, model: str, window: float) -> dict:
     """replay -> Kafka -> `stream ctr-join` on Flink -> Kafka -> `train ctr --online`: for every click
     that made a positive, the time from the click entering Kafka to the first serving copy trained on it."""
@@ -135,7 +156,15 @@ def run_join(bootstrap, rows, work: Path, rate: float, sync: float, model: str, 
 
     work.mkdir(parents=True)
     (work / "log.tsv").write_text("".join("\t".join(r) + "\n" for r in rows))
+    from confluent_kafka.admin import AdminClient, NewTopic
+
     topics = ["join-imps", "join-acts", "join-examples", "join-late", "join-rejected"]
+    # The examples topic stamps each message with the broker's append time: the join's share of the
+    # latency (click -> example in Kafka) apart from the trainer's (example in Kafka -> serving copy).
+    created = AdminClient({"bootstrap.servers": bootstrap}).create_topics(
+        [NewTopic(topics[2], 1, 1, config={"message.timestamp.type": "LogAppendTime"})]
+    )
+    created[topics[2]].result(30)
     stack.create_topics(bootstrap, topics)
     cli = [sys.executable, "-m", "headrace.runners.cli"]
     join_log = open(work / "join.log", "w")  # noqa: SIM115 (the job outlives this block)
@@ -184,19 +213,20 @@ def run_join(bootstrap, rows, work: Path, rate: float, sync: float, model: str, 
         ["\t".join(r) for r in rows], start_ms=sent["start_ms"], rate=rate, mean_click_delay_s=5.0, prefix="j"
     )
     click_ms = {m.split("\t", 1)[0]: t for topic, t, m in events if topic == "actions"}
-    out = subprocess.run(
-        [sys.executable, "-c", _READ_TOPIC, bootstrap, topics[2]], capture_output=True, text=True, check=True
-    )
-    examples = json.loads(out.stdout)
+    examples = read_appended(bootstrap, topics[2])
     first: dict[str, int] = {}  # a positive's first message (the early one) per request id
-    for k, (key, value) in enumerate(examples):
+    for k, (key, value, _) in enumerate(examples):
         rid = key.split("\t", 1)[0]
         if value.startswith("1\t") and rid not in first:
             first[rid] = k
     offsets = np.array(sorted(first.values()))
     clicked = np.array([click_ms[examples[k][0].split("\t", 1)[0]] / 1000 for k in offsets])
+    appended = np.array([examples[k][2] for k in offsets])
     published, ok = serving_times(work, offsets)
     latency = published - clicked[ok]
+    join_part, trainer_part = appended[ok] - clicked[ok], published - appended[ok]
+    syncs = [json.loads(line) for line in (work / "model" / "syncs.jsonl").read_text().splitlines()]
+    behind = [s["unix"] - s["join_watermark_ms"] / 1000 for s in syncs if s.get("join_watermark_ms")]
     metrics = json.loads((work / "model" / "metrics.json").read_text())
     return {
         "events_per_sec": (sent["impressions"] + sent["actions"]) / replay_seconds,
@@ -204,6 +234,11 @@ def run_join(bootstrap, rows, work: Path, rate: float, sync: float, model: str, 
         "positives": len(offsets),
         "p50": float(np.percentile(latency, 50)),
         "p95": float(np.percentile(latency, 95)),
+        "join_p50": float(np.percentile(join_part, 50)),
+        "join_p95": float(np.percentile(join_part, 95)),
+        "trainer_p50": float(np.percentile(trainer_part, 50)),
+        "trainer_p95": float(np.percentile(trainer_part, 95)),
+        "watermark_behind_p50": float(np.percentile(behind, 50)) if behind else float("nan"),
         "per_sec": metrics["examples_per_sec"],
         "serving": work / "serving",
     }
@@ -285,6 +320,15 @@ def join_backlog(work: Path, lines: int) -> dict:
         stack.stop(broker)
 
 
+def _latency_parts(joined: dict) -> str:
+    return (
+        f"  (of which click -> example in Kafka, the join: p50 {joined['join_p50']:.2f} s, p95 "
+        f"{joined['join_p95']:.2f} s; example in Kafka -> serving copy, the trainer: p50 "
+        f"{joined['trainer_p50']:.2f} s, p95 {joined['trainer_p95']:.2f} s; the join's watermark as the "
+        f"trainer saw it, behind the clock at its syncs: p50 {joined['watermark_behind_p50']:.2f} s)"
+    )
+
+
 def print_production(backlog: dict, joined: dict, args) -> None:
     print(
         "\nstreaming at production rates (this machine: 2 cores, the join, Kafka and the trainer share them)"
@@ -298,6 +342,7 @@ def print_production(backlog: dict, joined: dict, args) -> None:
     for q in ("p50", "p95"):
         print(f"{'click -> serving copy ' + q + ' s at ' + format(args.join_rate, '.0f') + ' impressions/s':<52} "
               f"{BASELINE[q]:>10.1f} {joined[q]:>10.2f} {joined[q] / BASELINE[q]:>6.2f}x")  # fmt: skip
+    print(_latency_parts(joined))
     print("\n`headrace serve ctr` under load while a new version is swapped in (bench/serve.py):")
     subprocess.run([sys.executable, str(Path(__file__).with_name("serve.py")), "--seconds", "5"], check=True)
 
@@ -323,6 +368,7 @@ def print_join(args, joined: dict, held_out) -> None:
         f"{'replay -> join -> online trainer':<36} {joined['events_per_sec']:>11,.0f} "
         f"{joined['p50']:>7.2f} {joined['p95']:>7.2f}"
     )
+    print(_latency_parts(joined))
     print(
         f"  ({joined['positives']:,} positives of {joined['examples']:,} examples; "
         f"held-out AUC of its serving copy {serving_auc(joined['serving'], held_out):.4f})"

@@ -112,6 +112,12 @@ def checkpoint_args(config: CtrJoinConfig, beam_args, scratch: str) -> list[str]
         "--state_backend=filesystem",
         f"--state_backend_storage_path={directory.as_uri()}",
         "--retain_externalized_checkpoints_on_cancellation",
+        # Each bundle is finished before the barrier. Otherwise the output of a bundle in flight is
+        # buffered into the checkpoint, and a restored job replays it with the wrong output's coder: the
+        # read stage's session-windowed events were written with the rejected output's GlobalWindow coder
+        # ("Couldn't flush pushed back elements": ClassCastException IntervalWindow -> GlobalWindow), and
+        # the restored job failed and restarted until it gave up.
+        "--finish_bundle_before_checkpointing",
     ]
     latest = latest_checkpoint(directory) if config.checkpoint_dir else None
     if latest is not None and not any(a.startswith("--savepoint_path") for a in beam_args):

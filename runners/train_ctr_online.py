@@ -298,6 +298,8 @@ class OnlineCTRTask(CTRTask):
             offsets=self.offsets.numpy().tolist(),
             trained_below=self.order.lowest(self.buffer.lowest(self.offsets.numpy())).tolist(),
             pending=len(self.buffer),
+            held=len(self.order),
+            join_watermark_ms=self.order.watermark,
             loss=float(np.mean(losses[-50:])) if losses else None,
         )
         version = self.publisher.publish(info, math.log(float(self.keep_rate.numpy())))
