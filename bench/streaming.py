@@ -23,6 +23,7 @@ trained on it and on everything before it (`--join-only` runs just that), and th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -161,7 +162,8 @@ def run_join(bootstrap, rows, work: Path, rate: float, sync: float, model: str, 
     topics = ["join-imps", "join-acts", "join-examples", "join-late", "join-rejected"]
     # The examples topic stamps each message with the broker's append time: the join's share of the
     # latency (click -> example in Kafka) apart from the trainer's (example in Kafka -> serving copy).
-    created = AdminClient({"bootstrap.servers": bootstrap}).create_topics(
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    created = admin.create_topics(
         [NewTopic(topics[2], 1, 1, config={"message.timestamp.type": "LogAppendTime"})]
     )
     created[topics[2]].result(30)
@@ -195,14 +197,14 @@ def run_join(bootstrap, rows, work: Path, rate: float, sync: float, model: str, 
                 stderr=log,
             )
             time.sleep(8)
-            started = time.monotonic()
-            replay = subprocess.run(
-                [*cli, "stream", "replay", "--input", str(work / "log.tsv"), "--bootstrap", bootstrap,
-                 "--impressions", topics[0], "--actions", topics[1], "--rate", str(rate), "--prefix", "j"],
-                capture_output=True, text=True, check=True,
-            )  # fmt: skip
+            with open(work / "replay.log", "w") as replay_log:
+                replay = subprocess.run(
+                    [*cli, "stream", "replay", "--input", str(work / "log.tsv"), "--bootstrap", bootstrap,
+                     "--impressions", topics[0], "--actions", topics[1], "--rate", str(rate), "--prefix", "j",
+                     "--log-every-seconds", "2"],
+                    stdout=subprocess.PIPE, stderr=replay_log, text=True, check=True,
+                )  # fmt: skip
             sent = json.loads(replay.stdout.strip().splitlines()[-1])
-            replay_seconds = time.monotonic() - started
             if trainer.wait(timeout=1800) != 0:
                 raise RuntimeError((work / "trainer.log").read_text()[-3000:])
     finally:
@@ -225,20 +227,29 @@ def run_join(bootstrap, rows, work: Path, rate: float, sync: float, model: str, 
     published, ok = serving_times(work, offsets)
     latency = published - clicked[ok]
     join_part, trainer_part = appended[ok] - clicked[ok], published - appended[ok]
+    # Steady state: clicks after the first final decisions could have come (the first impression's window
+    # and allowed lateness, 2 s, and 5 s to spare). Before that the trainer holds every early positive for
+    # a join watermark it has not yet seen (the start-up transient).
+    steady = clicked[ok] >= sent["start_ms"] / 1000 + window + 2 + 5
     syncs = [json.loads(line) for line in (work / "model" / "syncs.jsonl").read_text().splitlines()]
     behind = [s["unix"] - s["join_watermark_ms"] / 1000 for s in syncs if s.get("join_watermark_ms")]
     metrics = json.loads((work / "model" / "metrics.json").read_text())
+    pct = lambda x, q: float(np.percentile(x, q)) if len(x) else float("nan")
     return {
-        "events_per_sec": (sent["impressions"] + sent["actions"]) / replay_seconds,
+        # the rate the replay was scheduled at: impressions at `rate`, their clicks in between
+        "events_per_sec": (sent["impressions"] + sent["actions"]) / (sent["impressions"] / rate),
         "examples": len(examples),
         "positives": len(offsets),
-        "p50": float(np.percentile(latency, 50)),
-        "p95": float(np.percentile(latency, 95)),
-        "join_p50": float(np.percentile(join_part, 50)),
-        "join_p95": float(np.percentile(join_part, 95)),
-        "trainer_p50": float(np.percentile(trainer_part, 50)),
-        "trainer_p95": float(np.percentile(trainer_part, 95)),
-        "watermark_behind_p50": float(np.percentile(behind, 50)) if behind else float("nan"),
+        "p50": pct(latency, 50),
+        "p95": pct(latency, 95),
+        "steady": int(steady.sum()),
+        "steady_p50": pct(latency[steady], 50),
+        "steady_p95": pct(latency[steady], 95),
+        "join_p50": pct(join_part[steady], 50),
+        "join_p95": pct(join_part[steady], 95),
+        "trainer_p50": pct(trainer_part[steady], 50),
+        "trainer_p95": pct(trainer_part[steady], 95),
+        "watermark_behind_p50": pct(behind, 50),
         "per_sec": metrics["examples_per_sec"],
         "serving": work / "serving",
     }
@@ -322,10 +333,11 @@ def join_backlog(work: Path, lines: int) -> dict:
 
 def _latency_parts(joined: dict) -> str:
     return (
-        f"  (of which click -> example in Kafka, the join: p50 {joined['join_p50']:.2f} s, p95 "
-        f"{joined['join_p95']:.2f} s; example in Kafka -> serving copy, the trainer: p50 "
-        f"{joined['trainer_p50']:.2f} s, p95 {joined['trainer_p95']:.2f} s; the join's watermark as the "
-        f"trainer saw it, behind the clock at its syncs: p50 {joined['watermark_behind_p50']:.2f} s)"
+        f"  (steady state, the {joined['steady']:,} clicks after the first decisions: p50 {joined['steady_p50']:.2f} s,"
+        f" p95 {joined['steady_p95']:.2f} s; of which click -> example in Kafka, the join: p50"
+        f" {joined['join_p50']:.2f} s, p95 {joined['join_p95']:.2f} s; example in Kafka -> serving copy, the"
+        f" trainer: p50 {joined['trainer_p50']:.2f} s, p95 {joined['trainer_p95']:.2f} s. The join's watermark"
+        f" as the trainer saw it, behind the clock at its syncs: p50 {joined['watermark_behind_p50']:.2f} s)"
     )
 
 
@@ -375,6 +387,14 @@ def print_join(args, joined: dict, held_out) -> None:
     )
 
 
+def _scratch(keep: str):
+    """A temporary directory, or `keep` (made fresh, left in place) when given."""
+    if not keep:
+        return tempfile.TemporaryDirectory()
+    Path(keep).mkdir(parents=True, exist_ok=True)
+    return contextlib.nullcontext(tempfile.mkdtemp(dir=keep))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lines", type=int, default=40000)
@@ -390,9 +410,12 @@ def main() -> None:
         help="only the production-rate table: join events/s on a backlog, click -> serving at --join-rate, server",
     )  # fmt: skip
     parser.add_argument("--backlog-lines", type=int, default=100_000, help="lines of the join's backlog")
+    parser.add_argument(
+        "--workdir", default="", help="keep the runs' logs and outputs here (default: a temp dir)"
+    )
     args = parser.parse_args()
     if args.production:
-        with tempfile.TemporaryDirectory() as tmp:
+        with _scratch(args.workdir) as tmp:
             backlog = join_backlog(Path(tmp) / "backlog", args.backlog_lines)
             broker = stack.start_kafka(workdir=Path(tmp) / "kafka")
             try:
@@ -412,7 +435,7 @@ def main() -> None:
                 stack.stop(broker)
         print_production(backlog, joined, args)
         return
-    with tempfile.TemporaryDirectory() as tmp:
+    with _scratch(args.workdir) as tmp:
         tmp = Path(tmp)
         broker = stack.start_kafka(workdir=tmp / "kafka")
         try:

@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from headrace.core import mesh as mesh_lib
 from headrace.core.errors import HeadraceError
-from headrace.models.ctr_serving import ServingCTR, save_serving
+from headrace.models.ctr_serving import ServingCTR, VersionWriter
 
 __all__ = ["ServingCopy", "ServingPublisher"]
 
@@ -41,6 +41,7 @@ class ServingPublisher:
         self._w = np.zeros((1024, 1), np.float32)
         self._free: list[int] = []
         self._dense = [mesh_lib.to_numpy(v) for v in task.model.weights]
+        self._writer: VersionWriter | None = None
         self.synced_clock = -1  # rows used after this table clock are not in the copy yet
         self.version = self._latest_version()
 
@@ -90,20 +91,16 @@ class ServingPublisher:
         task = self.task
         keys = np.fromiter(self._slot.keys(), np.int64, len(self._slot))
         slots = np.fromiter(self._slot.values(), np.int64, len(self._slot))
-        module = ServingCTR(
-            task.model.config,
-            keys,
-            self._E[slots],
-            self._w[slots],
-            self._dense,
-            task.field_mask,
-            logit_shift,
-        )
+        values = (keys, self._E[slots], self._w[slots], self._dense, task.field_mask, logit_shift)
+        if self._writer is None:
+            self._writer = VersionWriter(ServingCTR(task.model.config, *values))
+        else:  # the same graph with new values: the version is its variables
+            self._writer.module.update(*values)
         version = self.version + 1
         final = self.dir / f"{version:08d}"
         staging = self.dir / f".{version:08d}.staging"
         shutil.rmtree(staging, ignore_errors=True)
-        save_serving(module, staging)
+        self._writer.write(staging)
         (staging / "sync.json").write_text(
             json.dumps({**info, "version": version, "rows": len(keys), "published_unix": time.time()})
         )

@@ -224,27 +224,29 @@ def down() -> bool:
 # -- topics ----------------------------------------------------------------------------------------
 
 
-def _admin(bootstrap: str, *args: str) -> list[list[str]]:
-    """Runs runners/java/KafkaTopics.java (Kafka's AdminClient, from the broker jar); its output rows."""
-    source = Path(__file__).parent / "java" / "KafkaTopics.java"
-    proc = subprocess.run(
-        [
-            "java",
-            "-Dorg.slf4j.simpleLogger.defaultLogLevel=warn",
-            "-cp",
-            str(jars.jar_path("kafka-broker")),
-            str(source),
-            bootstrap,
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise StackError(f"kafka admin {' '.join(args)} on {bootstrap} failed:\n{proc.stderr[-2000:]}")
-    return [line.split("\t") for line in proc.stdout.splitlines() if line.strip()]
+_TIMEOUT_S = 20.0
+
+
+def _check(futures: dict, what: str, ok_codes=()) -> dict[str, bool]:
+    """Waits for an admin request per topic; ``{topic: True}`` when done, False for an allowed error."""
+    from confluent_kafka import KafkaException
+
+    done = {}
+    for topic, future in futures.items():
+        try:
+            future.result(_TIMEOUT_S)
+            done[topic] = True
+        except KafkaException as exc:
+            if exc.args[0].code() not in ok_codes:
+                raise StackError(f"kafka {what} {topic}: {exc.args[0].str()}") from exc
+            done[topic] = False
+    return done
+
+
+def _admin_client(bootstrap: str):
+    from confluent_kafka.admin import AdminClient
+
+    return AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": int(_TIMEOUT_S * 1000)})
 
 
 def create_topics(bootstrap: str, topics, partitions: int = 1) -> list[str]:
@@ -252,25 +254,73 @@ def create_topics(bootstrap: str, topics, partitions: int = 1) -> list[str]:
 
     Consumers need their topics to exist: KafkaIO lists a topic's partitions once, at start, and a read
     of a topic without partitions finishes at once (seen: the join job ending as soon as it started)."""
-    rows = _admin(bootstrap, "create", str(partitions), *topics)
-    return [row[1] for row in rows if row[0] == "created"]
+    from confluent_kafka import KafkaError
+    from confluent_kafka.admin import NewTopic
+
+    topics = list(dict.fromkeys(topics))
+    if not topics:
+        return []
+    admin = _admin_client(bootstrap)  # in-process: the Java AdminClient cost a JVM start per call
+    futures = admin.create_topics([NewTopic(t, partitions, 1) for t in topics], request_timeout=_TIMEOUT_S)
+    done = _check(futures, "create topic", ok_codes=(KafkaError.TOPIC_ALREADY_EXISTS,))
+    return [t for t in topics if done[t]]
 
 
 def add_partitions(bootstrap: str, topics, partitions: int) -> None:
     """Grows the topics to `partitions` partitions each (Kafka only ever adds partitions)."""
-    _admin(bootstrap, "grow", str(partitions), *topics)
+    from confluent_kafka.admin import NewPartitions
+
+    admin = _admin_client(bootstrap)
+    _check(admin.create_partitions([NewPartitions(t, partitions) for t in topics]), "grow topic")
 
 
 def produce_lines(bootstrap: str, topic: str, path: str | os.PathLike, partition: int = 0) -> int:
-    """Sends each line of `path` to one partition of `topic`, in order (Kafka's Java producer,
-    idempotent); returns how many."""
-    rows = _admin(bootstrap, "produce", str(partition), topic, str(path))
-    return int(rows[-1][3])
+    """Sends each line of `path` to one partition of `topic`, in order (an idempotent producer: no
+    duplicates, no reordering on retries); returns how many."""
+    from confluent_kafka import Producer
+
+    errors: list[str] = []
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
+    n = 0
+    with open(path, "rb") as f:
+        for line in f:
+            value = line.rstrip(b"\r\n")
+            while True:
+                try:
+                    producer.produce(
+                        topic,
+                        value,
+                        partition=partition,
+                        on_delivery=lambda err, _: err and errors.append(str(err)),
+                    )
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+            n += 1
+    if producer.flush(60) or errors:
+        raise StackError(f"kafka produce {topic}[{partition}] from {path}: not delivered: {errors[:3]}")
+    return n
 
 
 def end_offsets(bootstrap: str, topics) -> dict[tuple[str, int], int]:
     """``{(topic, partition): end offset}`` for every partition of the topics (which must exist)."""
-    return {(row[0], int(row[1])): int(row[2]) for row in _admin(bootstrap, "offsets", *topics)}
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": "headrace-offsets", "enable.auto.commit": False}
+    )
+    try:
+        out = {}
+        for topic in topics:
+            meta = consumer.list_topics(topic, timeout=_TIMEOUT_S).topics[topic]
+            if meta.error is not None or not meta.partitions:
+                raise StackError(f"kafka offsets {topic}: no such topic on {bootstrap} ({meta.error})")
+            for p in sorted(meta.partitions):
+                _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=_TIMEOUT_S)
+                out[(topic, p)] = high
+        return out
+    finally:
+        consumer.close()
 
 
 # -- KafkaIO expansion service ---------------------------------------------------------------------

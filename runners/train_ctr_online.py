@@ -53,10 +53,21 @@ _log = logging.getLogger("headrace.train")
 CHECKPOINT_EVERY_SECONDS = 60.0  # --checkpoint-every-seconds 0 means this for a trainer that never ends
 
 
-def parse_examples(lines: list[bytes]):
-    """Example lines -> (fields dict of 39 [B] strings, labels [B] float32, weights [B] float32)."""
+@tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+def _parse(lines):
     columns = EXAMPLE_LINE.parse(lines)
     return {f: columns[f] for f in FIELDS}, tf.cast(columns["label"], tf.float32), columns["weight"]
+
+
+@tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+def _parse_ids(lines):
+    fields, labels, weights = _parse(lines)
+    return serving_ids(fields), labels, weights
+
+
+def parse_examples(lines: list[bytes]):
+    """Example lines -> (fields dict of 39 [B] strings, labels [B] float32, weights [B] float32)."""
+    return _parse(tf.constant(list(lines), tf.string))
 
 
 class OnlineCTRTask(CTRTask):
@@ -266,11 +277,13 @@ class OnlineCTRTask(CTRTask):
                 self.waited += c.poll_interval
 
     def place(self, lines, step: int):
-        fields, labels, weights = parse_examples(lines)
+        # One traced call per batch: ~80 eager ops (splitting, 41 columns, hashing) cost a third of the
+        # trainer's time at 1,000 examples/s.
+        ids, labels, weights = _parse_ids(tf.constant(lines, tf.string))
         negative = weights.numpy()[labels.numpy() == 0]
         if len(negative):
             self.keep_rate.assign(float(1.0 / negative[-1]))
-        return super().place((serving_ids(fields), labels), step)
+        return super().place((ids, labels), step)
 
     def examples(self, lines) -> int:
         return len(lines)

@@ -86,14 +86,15 @@ class LineSpec:
                 return why
         return None
 
-    def parse(self, lines: Sequence[bytes]):
-        """Good lines -> ``{column: [B] tensor}`` (string, int64 or float32)."""
+    def parse(self, lines):
+        """Good lines (bytes, or a [B] string tensor, also inside a tf.function) -> ``{column: [B]
+        tensor}`` (string, int64 or float32)."""
         import tensorflow as tf
 
         n = len(self.columns)
-        parts = tf.strings.split(tf.constant(list(lines)), self.delimiter).to_tensor(
-            default_value="", shape=[len(lines), n]
-        )
+        if not isinstance(lines, tf.Tensor):
+            lines = tf.constant(list(lines), tf.string)
+        parts = tf.strings.split(lines, self.delimiter).to_tensor(default_value="", shape=[None, n])
         out = {}
         for k, column in enumerate(self.columns):
             if column.kind == "str":
