@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -150,7 +151,17 @@ def read_appended(bootstrap: str, topic: str) -> list[tuple[str, str, float]]:
     return out
 
 
-def run_join(bootstrap, rows, work: Path, rate: float, sync: float, model: str, window: float) -> dict:
+def run_join(
+    bootstrap,
+    rows,
+    work: Path,
+    rate: float,
+    sync: float,
+    model: str,
+    window: float,
+    join_args=(),
+    trainer_args=(),
+) -> dict:
     """replay -> Kafka -> `stream ctr-join` on Flink -> Kafka -> `train ctr --online`: for every click
     that made a positive, the time from the click entering Kafka to the first serving copy trained on it."""
     from headrace.pipelines.ctr_stream import replay_events
@@ -173,7 +184,7 @@ def run_join(bootstrap, rows, work: Path, rate: float, sync: float, model: str, 
     join = subprocess.Popen(
         [*cli, "stream", "ctr-join", "--runner", "flink", "--bootstrap", bootstrap, "--impressions", topics[0],
          "--actions", topics[1], "--examples", topics[2], "--late", topics[3], "--rejected", topics[4],
-         "--join-window", str(window)],
+         "--join-window", str(window), *join_args],
         stdout=join_log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
@@ -190,9 +201,7 @@ def run_join(bootstrap, rows, work: Path, rate: float, sync: float, model: str, 
             time.sleep(1)
         with open(work / "trainer.log", "w") as log:
             trainer = subprocess.Popen(
-                trainer_cmd(
-                    bootstrap, topics[2], work, model, sync, "--idle-timeout", "60", "--max-wait", "3"
-                ),
+                trainer_cmd(bootstrap, topics[2], work, model, sync, "--idle-timeout", "60", *trainer_args),
                 stdout=subprocess.DEVNULL,
                 stderr=log,
             )
@@ -299,10 +308,12 @@ def join_backlog(work: Path, lines: int) -> dict:
             )  # fmt: skip
         target = len(impressions) + len(positives)  # a final decision per impression, positives early too
         first = done = None
+        samples = []  # (seconds, examples written)
         try:
             deadline = time.monotonic() + 900
             while time.monotonic() < deadline:
                 written = stack.end_offsets(bootstrap, [topics[2]])[(topics[2], 0)]
+                samples.append((time.monotonic(), written))
                 if written and first is None:
                     first = time.monotonic()
                 if written >= target:
@@ -326,9 +337,23 @@ def join_backlog(work: Path, lines: int) -> dict:
             if watermark:
                 final[rid] = value[0]
         exact = {r for r, v in final.items() if v == "1"} == positives and len(final) == len(impressions)
-        return {"events": events, "seconds": done - first, "per_sec": events / (done - first), "exact": exact}
+        return {
+            "events": events,
+            "seconds": done - first,
+            "per_sec": events / (done - first),
+            "sustained_per_sec": _sustained(samples, target) * events / target,
+            "exact": exact,
+        }
     finally:
         stack.stop(broker)
+
+
+def _sustained(samples: list[tuple[float, int]], target: int) -> float:
+    """Examples/s between 20 % and 80 % of the output: past the JVM's warm-up (its JIT compiler takes half
+    a core for the first minute) and before the burst of final decisions the last watermark releases."""
+    lo = next(s for s in samples if s[1] >= 0.2 * target)
+    hi = next(s for s in samples if s[1] >= 0.8 * target)
+    return (hi[1] - lo[1]) / max(hi[0] - lo[0], 1e-9)
 
 
 def _latency_parts(joined: dict) -> str:
@@ -346,11 +371,12 @@ def print_production(backlog: dict, joined: dict, args) -> None:
         "\nstreaming at production rates (this machine: 2 cores, the join, Kafka and the trainer share them)"
     )
     print(f"{'figure':<52} {'before':>10} {'now':>10} {'ratio':>7}")
-    rate = backlog["per_sec"]
+    rate = backlog["sustained_per_sec"]
     print(f"{'join events/s, sustained on a backlog':<52} {BASELINE['join_events_per_s']:>10,.0f} {rate:>10,.0f} "
           f"{rate / BASELINE['join_events_per_s']:>6.1f}x")  # fmt: skip
-    print(f"  ({backlog['events']:,} events in {backlog['seconds']:.1f} s from the first output to the last "
-          f"decision; final decisions equal the reference: {'yes' if backlog['exact'] else 'NO'})")  # fmt: skip
+    print(f"  (between 20 % and 80 % of the output; {backlog['events']:,} events in {backlog['seconds']:.1f} s "
+          f"from the first output to the last decision, {backlog['per_sec']:,.0f}/s with the JVM's warm-up; "
+          f"final decisions equal the reference: {'yes' if backlog['exact'] else 'NO'})")  # fmt: skip
     for q in ("p50", "p95"):
         print(f"{'click -> serving copy ' + q + ' s at ' + format(args.join_rate, '.0f') + ' impressions/s':<52} "
               f"{BASELINE[q]:>10.1f} {joined[q]:>10.2f} {joined[q] / BASELINE[q]:>6.2f}x")  # fmt: skip
@@ -409,7 +435,12 @@ def main() -> None:
         "--production", action="store_true",
         help="only the production-rate table: join events/s on a backlog, click -> serving at --join-rate, server",
     )  # fmt: skip
-    parser.add_argument("--backlog-lines", type=int, default=100_000, help="lines of the join's backlog")
+    parser.add_argument("--backlog-lines", type=int, default=300_000, help="lines of the join's backlog")
+    parser.add_argument(
+        "--trainer-args", default="--shuffle-buffer 0 --max-wait 0.2",
+        help="flags of the online trainer behind the join (default: for freshness, no shuffle buffer)",
+    )  # fmt: skip
+    parser.add_argument("--join-args", default="", help="flags of `stream ctr-join`, e.g. '--bundle-time 1'")
     parser.add_argument(
         "--workdir", default="", help="keep the runs' logs and outputs here (default: a temp dir)"
     )
@@ -430,6 +461,8 @@ def main() -> None:
                     1.0,
                     args.model,
                     args.join_window,
+                    shlex.split(args.join_args),
+                    shlex.split(args.trainer_args),
                 )
             finally:
                 stack.stop(broker)
@@ -447,7 +480,7 @@ def main() -> None:
             if args.join_only:
                 joined = run_join(
                     broker.bootstrap, stream[: args.join_lines], tmp / "join", args.join_rate, 1.0, args.model,
-                    args.join_window,
+                    args.join_window, shlex.split(args.join_args), shlex.split(args.trainer_args),
                 )  # fmt: skip
                 print_join(args, joined, held_out)
                 return
@@ -474,6 +507,8 @@ def main() -> None:
                 1.0,
                 args.model,
                 args.join_window,
+                shlex.split(args.join_args),
+                shlex.split(args.trainer_args),
             )
             burst = run(broker.bootstrap, stream, tmp / "burst", "bench-burst", 0, 5.0, args.model)
             first = stream[: args.lines // 10]  # one pass, fully shuffled: a batch model

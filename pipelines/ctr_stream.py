@@ -363,6 +363,9 @@ class CtrJoinConfig:
     checkpoint_interval: float = dataclasses.field(
         default=5.0, metadata={"help": "seconds between checkpoints"}
     )
+    bundle_time: float = dataclasses.field(
+        default=0.1, metadata={"help": "seconds a Flink bundle stays open at most (Flink's default: 1)"}
+    )
 
 
 @config_lib.register("ctr-join", command="stream ctr-join")

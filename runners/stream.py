@@ -152,6 +152,8 @@ def ctr_join(config: CtrJoinConfig, runner: str | None, beam_args) -> int:
         with contextlib.ExitStack() as services:
             scratch = services.enter_context(tempfile.TemporaryDirectory(prefix="headrace-ctr-join-"))
             beam_args += checkpoint_args(config, beam_args, scratch)
+            if config.bundle_time > 0:  # a Flink runner option the job server declares, unknown to Python
+                beam_args.append(f"--max_bundle_time_mills={max(1, round(config.bundle_time * 1000))}")
             address = services.enter_context(stack.expansion_service(experiments=["use_deprecated_read"]))
             if resolve_runner(runner) == "FlinkRunner" and not any(
                 a.startswith("--job_endpoint") for a in beam_args
