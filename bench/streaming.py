@@ -445,6 +445,7 @@ def main() -> None:
         "--workdir", default="", help="keep the runs' logs and outputs here (default: a temp dir)"
     )
     args = parser.parse_args()
+    args.join_args, args.trainer_args = shlex.split(args.join_args), shlex.split(args.trainer_args)
     if args.production:
         with _scratch(args.workdir) as tmp:
             backlog = join_backlog(Path(tmp) / "backlog", args.backlog_lines)
@@ -461,8 +462,8 @@ def main() -> None:
                     1.0,
                     args.model,
                     args.join_window,
-                    shlex.split(args.join_args),
-                    shlex.split(args.trainer_args),
+                    args.join_args,
+                    args.trainer_args,
                 )
             finally:
                 stack.stop(broker)
@@ -480,7 +481,7 @@ def main() -> None:
             if args.join_only:
                 joined = run_join(
                     broker.bootstrap, stream[: args.join_lines], tmp / "join", args.join_rate, 1.0, args.model,
-                    args.join_window, shlex.split(args.join_args), shlex.split(args.trainer_args),
+                    args.join_window, args.join_args, args.trainer_args,
                 )  # fmt: skip
                 print_join(args, joined, held_out)
                 return
@@ -507,8 +508,8 @@ def main() -> None:
                 1.0,
                 args.model,
                 args.join_window,
-                shlex.split(args.join_args),
-                shlex.split(args.trainer_args),
+                args.join_args,
+                args.trainer_args,
             )
             burst = run(broker.bootstrap, stream, tmp / "burst", "bench-burst", 0, 5.0, args.model)
             first = stream[: args.lines // 10]  # one pass, fully shuffled: a batch model

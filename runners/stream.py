@@ -132,6 +132,14 @@ def checkpoint_args(config: CtrJoinConfig, beam_args, scratch: str) -> list[str]
     return args
 
 
+def bundle_args(config: CtrJoinConfig) -> list[str]:
+    """The Flink flag that closes a bundle after `bundle_time` seconds (Flink's default is 1 s, and a click
+    waits in every stage's open bundle). The job server declares the option; Python's options do not."""
+    if config.bundle_time <= 0:
+        return []
+    return [f"--max_bundle_time_mills={max(1, round(config.bundle_time * 1000))}"]
+
+
 def ctr_join(config: CtrJoinConfig, runner: str | None, beam_args) -> int:
     """Submits the join and waits; Ctrl-C / SIGTERM cancel the job."""
     from headrace.runners import stack
@@ -151,9 +159,7 @@ def ctr_join(config: CtrJoinConfig, runner: str | None, beam_args) -> int:
     try:
         with contextlib.ExitStack() as services:
             scratch = services.enter_context(tempfile.TemporaryDirectory(prefix="headrace-ctr-join-"))
-            beam_args += checkpoint_args(config, beam_args, scratch)
-            if config.bundle_time > 0:  # a Flink runner option the job server declares, unknown to Python
-                beam_args.append(f"--max_bundle_time_mills={max(1, round(config.bundle_time * 1000))}")
+            beam_args += checkpoint_args(config, beam_args, scratch) + bundle_args(config)
             address = services.enter_context(stack.expansion_service(experiments=["use_deprecated_read"]))
             if resolve_runner(runner) == "FlinkRunner" and not any(
                 a.startswith("--job_endpoint") for a in beam_args
