@@ -47,12 +47,12 @@ from headrace.transforms.columnar import (
 from headrace.transforms.counting import NamedValues, ReasonCounts, SumArrays, Total, reconcile
 from headrace.transforms.crowd_chunks import BuildChunks, Vocab, group_table, make_vocab
 from headrace.transforms.crowd_outputs import annotator_rows, csv_rows, group_rows, plot_groups, task_outputs
-from headrace.transforms.io import Rejected, WriteJson, WriteTextWithHeader, match_files
+from headrace.transforms.io import Rejected, WriteJson, WriteSortedText, WriteTextWithHeader, match_files
 from headrace.transforms.tfrecord import (
     Feature,
     FeatureSpec,
+    WriteSortedShards,
     WriteSpec,
-    WriteTFRecordShards,
     output_dataset,
     read_spec,
 )
@@ -333,6 +333,11 @@ def _fold_counts(c: dict) -> dict:
     return c
 
 
+def _keyed_lines(text: str):
+    """A block of CSV rows -> (first field, row) per row: the sort key of a sorted write."""
+    return [(line.split(",", 1)[0], line) for line in text.splitlines() if line]
+
+
 def _rejected_rows(rejected: Rejected) -> str:
     return csv_rows([(rejected.source, rejected.line, rejected.reason, rejected.text)])
 
@@ -454,34 +459,34 @@ def build_crowd_labels(pipeline: beam.Pipeline, config: CrowdConfig) -> dict:
     )
     rejected_parts.append(outputs.rejected)
 
-    outputs.labels | "WriteLabels" >> beam.io.WriteToText(
-        f"{out}/labels.csv", shard_name_template="", header="task,label,confidence"
+    # Every file is written in a fixed order (rows by task, worker, group; records by bytes), so any
+    # runner at any parallelism writes the same bytes (tests/runners/test_flink_cluster.py).
+    (
+        outputs.labels
+        | "KeyLabels" >> beam.FlatMap(_keyed_lines)
+        | "WriteLabels" >> WriteSortedText(f"{out}/labels.csv", header="task,label,confidence")
     )
     posterior_header = vocab | "PosteriorHeader" >> beam.Map(lambda v: csv_rows([["task", *v.classes]]))
-    outputs.posteriors | "WritePosteriors" >> WriteTextWithHeader(f"{out}/posteriors.csv", posterior_header)
+    posterior_lines = outputs.posteriors | "PosteriorLines" >> beam.FlatMap(lambda t: t.splitlines())
+    posterior_lines | "WritePosteriors" >> WriteTextWithHeader(f"{out}/posteriors.csv", posterior_header)
     (
         final[_Posteriors.ACCURACY]
         | "AccuracySums" >> beam.CombinePerKey(em.StatsFn())
         | "AnnotatorRows" >> beam.Map(annotator_rows, vocab_si, config.worker_buckets)
         | "NonEmpty" >> beam.Filter(bool)
-        | "WriteAnnotators"
-        >> beam.io.WriteToText(
-            f"{out}/annotators.csv", shard_name_template="", header="worker,group,labels,accuracy"
-        )
+        | "KeyAnnotators" >> beam.FlatMap(_keyed_lines)
+        | "WriteAnnotators" >> WriteSortedText(f"{out}/annotators.csv", header="worker,group,labels,accuracy")
     )
     if config.method == "groupanno":
         (
             params
-            | "GroupRows" >> beam.FlatMap(group_rows, vocab_si)
-            | "WriteGroups"
-            >> beam.io.WriteToText(
-                f"{out}/groups.csv", shard_name_template="", header="group,true,given,probability"
-            )
+            | "GroupRows" >> beam.FlatMap(lambda p, v: enumerate(group_rows(p, v)), vocab_si)
+            | "WriteGroups" >> WriteSortedText(f"{out}/groups.csv", header="group,true,given,probability")
         )
         params | "PlotGroups" >> beam.Map(plot_groups, vocab_si, f"{out}/groups.png")
     if config.tasks:
         for split in ("train", "eval"):
-            outputs[split] | f"Write{split.title()}Tasks" >> WriteTFRecordShards(
+            outputs[split] | f"Write{split.title()}Tasks" >> WriteSortedShards(
                 crowd_task_spec(), f"{out}/tasks-{split}", config.shards
             )
             counts[f"t_{split}"] = outputs[split] | f"T{split.title()}" >> Total()
@@ -499,9 +504,8 @@ def build_crowd_labels(pipeline: beam.Pipeline, config: CrowdConfig) -> dict:
     )
     (
         rejected
-        | "RejectedRows" >> beam.Map(_rejected_rows)
-        | "WriteRejected"
-        >> beam.io.WriteToText(f"{out}/rejected.csv", shard_name_template="", header="file,line,reason,row")
+        | "RejectedRows" >> beam.Map(lambda r: ((r.source, r.line, r.reason, r.text), _rejected_rows(r)))
+        | "WriteRejected" >> WriteSortedText(f"{out}/rejected.csv", header="file,line,reason,row")
     )
     annotation_files = set(match_files(config.annotations, flag="--annotations"))
     counts["rejected"] = (

@@ -49,6 +49,8 @@ import apache_beam as beam
 import numpy as np
 from scipy.special import gammaln
 
+from headrace.transforms.counting import Fixed
+
 __all__ = [
     "SENTINEL",
     "TAU_GRID",
@@ -389,12 +391,21 @@ def _stats_elements(chunk: Chunk, q: np.ndarray, worker_groups: np.ndarray, buck
 class StatsFn(beam.CombineFn):
     """The keyed combine of an M-step. Keys: ("w", bucket) per-worker counts (dense per bucket),
     ("g", group) pooled counts, ("prior", 0) class counts, ("ll", 0) log-likelihood, ("hist", 0) history.
-    Values are (kind, payload) with kind "w" (local indices, counts), "sum" (added) or "first" (kept)."""
+    Values are (kind, payload) with kind "w" (local indices, counts), "sum" (added), "dense" (added; what
+    a previous M-step gave) or "first" (kept). Sums are `Fixed`: the same bits in any combining order, so
+    a run on a cluster writes what the in-process runner writes."""
 
     def create_accumulator(self):
         return None
 
     def add_input(self, acc, value):
+        kind, payload = value
+        if kind == "first":
+            return acc if acc is not None else value
+        if kind == "w":
+            value = ("dense", Fixed.of(_dense(payload)))
+        else:
+            value = ("dense" if kind == "dense" else "sum", Fixed.of(payload))
         return self.merge_accumulators([acc, value])
 
     def merge_accumulators(self, accs):
@@ -403,20 +414,19 @@ class StatsFn(beam.CombineFn):
             if acc is None:
                 continue
             if out is None:
-                out = acc if acc[0] != "w" else ("dense", _dense(acc[1]))
-                continue
-            kind = out[0]
-            if kind == "first":
-                continue
-            if kind == "sum":
+                out = acc
+            elif out[0] == "sum":
                 out = ("sum", out[1] + acc[1])
-            else:  # dense worker counts
-                other = _dense(acc[1]) if acc[0] == "w" else acc[1]
-                out = ("dense", _add_dense(out[1], other))
+            elif out[0] == "dense":
+                rows = max(len(out[1].whole), len(acc[1].whole))
+                out = ("dense", out[1].padded(rows) + acc[1].padded(rows))
         return out
 
     def extract_output(self, acc):
-        return acc
+        if acc is None or acc[0] == "first":
+            return acc
+        value = acc[1].to_float()
+        return (acc[0], value if value.ndim else float(value))
 
 
 def _dense(local_counts):
@@ -424,14 +434,6 @@ def _dense(local_counts):
     out = np.zeros((int(idx.max()) + 1, *counts.shape[1:]))
     out[idx] = counts  # indices are distinct within a chunk
     return out
-
-
-def _add_dense(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    if len(a) < len(b):
-        a, b = b, a
-    a = a.copy()
-    a[: len(b)] += b
-    return a
 
 
 def collect_stats(elements, num_workers: int, num_groups: int, num_classes: int, buckets: int) -> Stats:

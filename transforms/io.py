@@ -5,7 +5,8 @@
   lines reshuffled, which parallelises parsing; inputs meant for scale come as many files (as Criteo's
   daily logs do).
 * `WriteJson` / `WriteJsonLines`: a single JSON file or line-delimited JSON, written by Beam's text sink;
-  `WriteTextWithHeader`: one text file whose header is computed in the pipeline.
+  `WriteTextWithHeader`: one text file whose header is computed in the pipeline; `WriteSortedText`: one
+  text file of lines in a key order (both write the same bytes on every runner).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ __all__ = [
     "Rejected",
     "WriteJson",
     "WriteJsonLines",
+    "WriteSortedText",
     "WriteTextWithHeader",
     "match_files",
 ]
@@ -93,9 +95,27 @@ class WriteTextWithHeader(beam.PTransform):
         body = pcoll | "Body" >> beam.combiners.ToList()
         return (
             self.header
-            | "Join" >> beam.Map(lambda h, rows: "\n".join([h, *rows]), beam.pvalue.AsSingleton(body))
+            | "Join" >> beam.Map(lambda h, rows: "\n".join([h, *sorted(rows)]), beam.pvalue.AsSingleton(body))
             | "Write" >> beam.io.WriteToText(self.path, shard_name_template="")
         )
+
+
+def _sorted_text(pairs: list, header: str | None) -> str:
+    lines = [line for _, line in sorted(pairs, key=lambda p: p[0])]
+    return "\n".join(([header] if header is not None else []) + lines)
+
+
+@beam.ptransform_fn
+def WriteSortedText(pcoll, path: str, header: str | None = None):
+    """``(sort key, line)`` pairs -> one text file of the lines in key order after an optional header: the
+    same bytes on every runner (a runner's element order is its own). The lines are gathered in one worker's
+    memory: for outputs of a line per task or annotator, not per record of a dataset."""
+    return (
+        pcoll
+        | "Gather" >> beam.combiners.ToList()
+        | "Join" >> beam.Map(_sorted_text, header)
+        | "Write" >> beam.io.WriteToText(path, shard_name_template="")
+    )
 
 
 def _jsonable(value: Any) -> Any:

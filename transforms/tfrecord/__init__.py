@@ -4,7 +4,7 @@ and the spec.json of every output folder.
 * `spec`: `Feature`, `FeatureSpec` (encode, decode, parse), spec.json (`write_spec`, `read_spec`);
 * `wire`: the Example wire format written directly, batched (`encode_fixed`) or streamed
   (`example_chunks`, `write_record_chunks`);
-* `sinks`: Beam writers (`WriteTFRecordShards`, `WriteSerializedShards`, `ConcatShards`, `WriteSpec`);
+* `sinks`: Beam writers (`WriteTFRecordShards`, `WriteSortedShards`, `WriteSerializedShards`, `ConcatShards`, `WriteSpec`);
 * `readers`: `tfrecord_dataset`, `output_dataset`, `read_examples`, `list_shards`.
 """
 
@@ -12,6 +12,7 @@ from headrace.transforms.tfrecord.readers import list_shards, output_dataset, re
 from headrace.transforms.tfrecord.sinks import (
     ConcatShards,
     WriteSerializedShards,
+    WriteSortedShards,
     WriteSpec,
     WriteTFRecordShards,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "RecordBatch",
     "SpecError",
     "WriteSerializedShards",
+    "WriteSortedShards",
     "WriteSpec",
     "WriteTFRecordShards",
     "encode_fixed",

@@ -1,7 +1,8 @@
 """Beam sinks of sharded TFRecords, and the spec.json every record-writing pipeline leaves beside them.
 
 * `WriteTFRecordShards`: records (dicts matching a `FeatureSpec`) -> ``PREFIX-SSSSS-of-NNNNN.tfrecord``,
-  encoded by the spec, through Beam's file sink;
+  encoded by the spec, through Beam's file sink; `WriteSortedShards`: the same, byte-identical on every
+  runner (shard by a hash of the record, records in byte order);
 * `WriteSerializedShards`: ``(shard, records)`` batches already serialized (a `RecordBatch` or a list),
   one Beam element per batch instead of one per record; every shard is written, empty or not;
 * `ConcatShards`: ``(shard, part file)`` pairs -> one file per shard, the parts (each whole TFRecord
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import zlib
 from collections.abc import Mapping
 from typing import Literal
 
@@ -22,7 +24,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from headrace.transforms.tfrecord.spec import FeatureSpec, write_spec
 
-__all__ = ["ConcatShards", "WriteSerializedShards", "WriteSpec", "WriteTFRecordShards"]
+__all__ = ["ConcatShards", "WriteSerializedShards", "WriteSortedShards", "WriteSpec", "WriteTFRecordShards"]
 
 
 def _tf():
@@ -74,6 +76,35 @@ def WriteTFRecordShards(
     )
 
 
+def _shard_of(record: bytes, num_shards: int) -> tuple[int, bytes]:
+    return zlib.crc32(record) % num_shards, record
+
+
+def _sorted_shard(element):
+    shard, records = element
+    return shard, [sorted(r for r in records if r)]
+
+
+@beam.ptransform_fn
+@beam.typehints.with_input_types(dict)
+@beam.typehints.with_output_types(str)
+def WriteSortedShards(pcoll, spec: FeatureSpec, file_path_prefix: str, num_shards: int):
+    """`WriteTFRecordShards` with the same files on every runner: each record goes to the shard of a hash
+    of its bytes, and a shard's records are written in byte order. A shard is sorted in one worker's
+    memory: for outputs of modest shards (crowd task records), not for images or volumes."""
+    if num_shards < 1:
+        raise ValueError("num_shards must be >= 1 (a fixed count keeps the output layout reproducible)")
+    keyed = pcoll | "Encode" >> beam.ParDo(_Encode(spec)) | "Shard" >> beam.Map(_shard_of, num_shards)
+    empty = pcoll.pipeline | "AllShards" >> beam.Create([(s, b"") for s in range(num_shards)])
+    return (
+        (keyed, empty)
+        | "WithEmpty" >> beam.Flatten()
+        | "ByShard" >> beam.GroupByKey()
+        | "Sort" >> beam.Map(_sorted_shard)
+        | "Write" >> beam.ParDo(_WriteShard(file_path_prefix, num_shards))
+    )
+
+
 class _WriteShard(beam.DoFn):
     def __init__(self, file_path_prefix: str, num_shards: int):
         self._prefix, self._num_shards = file_path_prefix, num_shards
@@ -84,6 +115,7 @@ class _WriteShard(beam.DoFn):
         tf = _tf()
         path = f"{self._prefix}-{shard:05d}-of-{self._num_shards:05d}.tfrecord"
         tmp = f"{path}.tmp-{os.getpid()}"
+        tf.io.gfile.makedirs(os.path.dirname(path) or ".")
         n = 0
         with tf.io.TFRecordWriter(tmp) as writer:
             for batch in batches:  # lists of records or RecordBatches
