@@ -414,7 +414,7 @@ def _stack(argv: Sequence[str]) -> int:
     start.add_argument(
         "--flink",
         action="store_true",
-        help="a standalone Flink session cluster and a Beam worker pool instead",
+        help="a standalone Flink session cluster (JobManager, TaskManagers) instead",
     )
     start.add_argument("--taskmanagers", type=int, default=2, help="with --flink: TaskManager processes")
     start.add_argument("--slots", type=int, default=2, help="with --flink: task slots per TaskManager")

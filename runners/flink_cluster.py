@@ -1,6 +1,6 @@
 """A standalone Flink session cluster on 127.0.0.1, from the classes inside the job-server jar.
 
-    headrace stack up --flink [--taskmanagers 2] [--slots 2]   JobManager, TaskManagers, Beam worker pool
+    headrace stack up --flink [--taskmanagers 2] [--slots 2]   a JobManager and TaskManagers
     headrace stack status                                      where each listens, pids, logs
     headrace stack down                                        stop everything `stack up` started
 
@@ -12,16 +12,22 @@ TaskManager memory setting is written explicitly (`_CONF`), and the JVM's heap a
 match them.
 
 Pipelines run on it as on any remote Flink: a Beam job server submits to the JobManager's REST port
-(``--flink_master=127.0.0.1:PORT``), and the Python stages run in SDK workers that a Beam worker pool
-(``apache_beam.runners.worker.worker_pool_main``) starts on request, ``--environment_type=EXTERNAL
---environment_config=127.0.0.1:POOL``, not in the submitting process (LOOPBACK). `FlinkCluster.beam_args`
-are those flags. Checkpoints go to a file system state backend under the cluster's work directory; a
-restart strategy of fixed delay lets a job survive a TaskManager that dies.
+(``--flink_master=127.0.0.1:PORT``), and the Python stages run in SDK workers that each TaskManager starts
+as its own child processes (``--environment_type=PROCESS``, the command `headrace.runners.sdk_worker`),
+not in the submitting process (LOOPBACK). `FlinkCluster.beam_args` are those flags.
 
-The TaskManagers have the job-server jar on their class path and the job server submits the same jar as
-the job's: Flink's default child-first class loading then split Beam's vendored gRPC between two class
-loaders (IllegalAccessError in netty, the job hung with its SDK workers disconnected), so classes resolve
-parent-first.
+Why not EXTERNAL against one Beam worker pool: every TaskManager numbers its SDK workers from ``1-1``
+and a worker pool's StopWorker request carries only that id, so a pool shared by two TaskManagers
+stopped one TaskManager's worker when the other released its own; the first then waited for a worker
+that never came, and crowd-labels hung (measured: 216 of 1,136 tasks done, then nothing for 10
+minutes). EXTERNAL needs one pool per TaskManager, as a sidecar in the same pod, on Kubernetes.
+
+Checkpoints go to a file system state backend under the cluster's work directory; a restart strategy of
+fixed delay lets a job survive a TaskManager that dies (`add_taskmanager` starts a replacement, as a
+Kubernetes Deployment would). The TaskManagers have the job-server jar on their class path and the job
+server submits the same jar as the job's: Flink's default child-first class loading then split Beam's
+vendored gRPC between two class loaders (IllegalAccessError in netty, the job hung with its SDK workers
+disconnected), so classes resolve parent-first.
 """
 
 from __future__ import annotations
@@ -31,19 +37,19 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from headrace.runners import jars
+from headrace.runners import jars, sdk_worker
 from headrace.runners.stack import StackError, _alive, _listening, _tail, free_port
 
-__all__ = ["FlinkCluster", "flink_cluster", "overview", "start_cluster", "stop_cluster"]
+__all__ = ["FlinkCluster", "add_taskmanager", "flink_cluster", "overview", "start_cluster", "stop_cluster"]
 
 _log = logging.getLogger(__name__)
 
@@ -100,7 +106,6 @@ class FlinkCluster:
 
     rest_port: int
     rpc_port: int
-    worker_pool_port: int
     taskmanagers: int
     slots: int
     workdir: str
@@ -111,16 +116,14 @@ class FlinkCluster:
         """The JobManager's REST address, for ``--flink_master``."""
         return f"127.0.0.1:{self.rest_port}"
 
-    @property
-    def worker_pool(self) -> str:
-        return f"127.0.0.1:{self.worker_pool_port}"
-
     def beam_args(self, parallelism: int | None = None) -> list[str]:
-        """The Beam flags of a pipeline run on this cluster (with `parallelism`, default every slot)."""
+        """The Beam flags of a pipeline run on this cluster (with `parallelism`, default every slot): its
+        Python stages in SDK workers each TaskManager starts as child processes."""
+        boot = json.dumps({"command": str(Path(self.workdir) / "sdk-worker")})
         return [
             f"--flink_master={self.master}",
-            "--environment_type=EXTERNAL",
-            f"--environment_config={self.worker_pool}",
+            "--environment_type=PROCESS",
+            f"--environment_config={boot}",
             f"--parallelism={parallelism or self.taskmanagers * self.slots}",
         ]
 
@@ -143,6 +146,17 @@ def overview(cluster: FlinkCluster, timeout: float = 5.0) -> dict:
         return json.loads(r.read())
 
 
+def _write_boot(work: Path) -> Path:
+    """The command each TaskManager starts an SDK worker with (PROCESS): `sdk_worker` under this
+    interpreter, the one with headrace and the pipeline's packages."""
+    boot = work / "sdk-worker"
+    boot.write_text(
+        "#!/bin/sh\nexec " + " ".join(shlex.quote(a) for a in sdk_worker.command_line()) + ' "$@"\n'
+    )
+    boot.chmod(0o755)
+    return boot
+
+
 def _taskmanager_command(jar: str, conf: Path) -> list[str]:
     return [_java(), *_TM_JVM, "-cp", jar, "org.apache.flink.runtime.taskexecutor.TaskManagerRunner",
             "--configDir", str(conf)]  # fmt: skip
@@ -151,10 +165,10 @@ def _taskmanager_command(jar: str, conf: Path) -> list[str]:
 def start_cluster(
     *, taskmanagers: int = 2, slots: int = 2, workdir: str | os.PathLike | None = None, timeout: float = 150.0
 ) -> FlinkCluster:
-    """Starts a JobManager, `taskmanagers` TaskManagers of `slots` slots and a Beam worker pool; returns
-    once every TaskManager has registered. Raises StackError with the end of a log when one does not."""
+    """Starts a JobManager and `taskmanagers` TaskManagers of `slots` slots; returns once every TaskManager
+    has registered. Raises StackError with the end of a log when one does not."""
     jar = str(jars.jar_path("flink-job-server"))
-    rest, rpc, pool = free_port(), free_port(), free_port()
+    rest, rpc = free_port(), free_port()
     work = Path(workdir) if workdir else jars.cache_dir() / "stack" / f"flink-{rest}"
     shutil.rmtree(work, ignore_errors=True)
     (work / "conf").mkdir(parents=True)
@@ -170,10 +184,9 @@ def start_cluster(
     )
     for i in range(taskmanagers):
         procs[f"taskmanager-{i}"] = _spawn(f"taskmanager-{i}", _taskmanager_command(jar, conf), work)
-    pool_cmd = [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", f"--service_port={pool}"]
-    procs["worker-pool"] = _spawn("worker-pool", pool_cmd, work)
+    _write_boot(work)
     pids = {name: p.pid for name, p in procs.items()}
-    cluster = FlinkCluster(rest, rpc, pool, taskmanagers, slots, str(work), pids)
+    cluster = FlinkCluster(rest, rpc, taskmanagers, slots, str(work), pids)
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -184,7 +197,7 @@ def start_cluster(
             if _listening(rest):
                 with contextlib.suppress(OSError, ValueError):
                     registered = overview(cluster)["taskmanagers"]
-            if registered >= taskmanagers and _listening(pool):
+            if registered >= taskmanagers:
                 break
             if time.monotonic() > deadline:
                 raise StackError(
@@ -197,10 +210,29 @@ def start_cluster(
         raise
     (work / "cluster.json").write_text(json.dumps(dataclasses.asdict(cluster)))
     _log.info(
-        "flink cluster: JobManager %s, %d TaskManagers x %d slots, worker pool %s (logs in %s)",
-        cluster.master, taskmanagers, slots, cluster.worker_pool, work,
+        "flink cluster: JobManager %s, %d TaskManagers x %d slots (logs in %s)",
+        cluster.master, taskmanagers, slots, work,
     )  # fmt: skip
     return cluster
+
+
+def add_taskmanager(cluster: FlinkCluster, timeout: float = 120.0) -> str:
+    """Starts one more TaskManager (a replacement for one that died) and returns once the JobManager
+    counts it; its name (``taskmanager-N``) is added to `cluster.pids`."""
+    jar = str(jars.jar_path("flink-job-server"))
+    work = Path(cluster.workdir)
+    before = overview(cluster)["taskmanagers"]
+    name = f"taskmanager-{len([n for n in cluster.pids if n.startswith('taskmanager-')])}"
+    proc = _spawn(name, _taskmanager_command(jar, work / "conf"), work)
+    cluster.pids[name] = proc.pid
+    deadline = time.monotonic() + timeout
+    while overview(cluster)["taskmanagers"] <= before:
+        if proc.poll() is not None:
+            raise StackError(f"flink: {name} exited with {proc.returncode}:\n{_tail(cluster.log(name))}")
+        if time.monotonic() > deadline:
+            raise StackError(f"flink: {name} did not register in {timeout:.0f}s:\n{_tail(cluster.log(name))}")
+        time.sleep(0.5)
+    return name
 
 
 def _terminate(pid: int, timeout: float) -> None:
@@ -223,7 +255,8 @@ def _terminate(pid: int, timeout: float) -> None:
 
 
 def stop_cluster(cluster: FlinkCluster, timeout: float = 20.0) -> None:
-    """Stops the worker pool (and the SDK workers it started), the TaskManagers, then the JobManager."""
+    """Stops the TaskManagers (each with the SDK workers it started, in its process group), then the
+    JobManager."""
     order = sorted(cluster.pids, key=lambda n: (n == "jobmanager", n))
     for name in order:
         _terminate(cluster.pids[name], timeout)
@@ -280,6 +313,6 @@ def describe(cluster: FlinkCluster) -> str:
     parts = ", ".join(f"{name} {pid}{'' if alive[name] else ' (dead)'}" for name, pid in cluster.pids.items())
     return (
         f"flink: JobManager {cluster.master}, {cluster.taskmanagers} TaskManagers x {cluster.slots} slots, "
-        f"worker pool {cluster.worker_pool}; pids: {parts}; logs in {cluster.workdir}\n"
-        f"  run on it with: --runner flink {' '.join(cluster.beam_args())}"
+        f"pids: {parts}; logs in {cluster.workdir}\n"
+        f"  run on it with: --runner flink {' '.join(shlex.quote(a) for a in cluster.beam_args())}"
     )

@@ -1,6 +1,7 @@
-"""A standalone Flink session cluster (a JobManager, two TaskManagers, a Beam worker pool: separate
-processes on 127.0.0.1) starts and stops as one (CI), and (slow) runs ctr-ingest and crowd-labels at
-parallelism 4 in EXTERNAL SDK workers, writing byte for byte what the in-process runner writes."""
+"""A standalone Flink session cluster (a JobManager and two TaskManagers: separate JVMs on 127.0.0.1)
+starts and stops as one, and runs ctr-ingest and crowd-labels at parallelism 4, on both TaskManagers, with
+the Python stages in SDK worker processes the TaskManagers start (PROCESS), writing byte for byte what
+the in-process runner writes."""
 
 from __future__ import annotations
 
@@ -74,16 +75,14 @@ def _assert_same(cluster, build, config, tmp_path: Path) -> None:
 def test_the_cluster_is_two_taskmanagers_of_two_slots(cluster):
     overview = fc.overview(cluster)
     assert overview["taskmanagers"] == 2 and overview["slots-total"] == 4
-    assert "--environment_type=EXTERNAL" in cluster.beam_args()
+    assert "--environment_type=PROCESS" in cluster.beam_args()
 
 
-@pytest.mark.slow  # EXTERNAL SDK workers lose connections here (docs/scaling.md): passes via restarts
 def test_ctr_ingest_on_the_cluster_writes_what_the_local_runner_writes(cluster, tmp_path):
     log = generate_ctr(tmp_path / "log.tsv", 3000, seed=5)
     _assert_same(cluster, build_ctr_ingest, CtrIngestConfig(input=log.path, output="", shards=2), tmp_path)
 
 
-@pytest.mark.slow  # stalls with the EXTERNAL worker pool here (docs/scaling.md)
 def test_crowd_labels_on_the_cluster_writes_what_the_local_runner_writes(cluster, tmp_path):
     data = generate_crowd(tmp_path / "crowd", num_tasks=400, num_workers=80, labels_per_task=4, seed=3)
     config = CrowdConfig(output="", annotations=data.annotations, annotators=data.annotators, tasks=data.tasks,
@@ -99,7 +98,7 @@ def test_stack_up_flink_status_down(flink_jar, tmp_path, monkeypatch, capsys):
     try:
         assert cli.main(["stack", "up", "--flink", "--taskmanagers", "1", "--slots", "1"]) == 0
         shown = capsys.readouterr().out
-        assert "1 TaskManagers x 1 slots" in shown and "--environment_type=EXTERNAL" in shown
+        assert "1 TaskManagers x 1 slots" in shown and "--environment_type=PROCESS" in shown
         cluster = fc.status()
         assert cluster is not None and fc.overview(cluster)["taskmanagers"] == 1
         assert cli.main(["stack", "status"]) == 0
