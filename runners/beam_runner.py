@@ -163,7 +163,7 @@ def pipeline_options(
     return name, options
 
 
-def _flink_master(args: Sequence[str]) -> str:
+def flink_master_of(args: Sequence[str]) -> str:
     """The ``--flink_master`` of `args` ([local] when absent): the job server submits there."""
     for i, a in enumerate(args):
         if a.startswith("--flink_master="):
@@ -240,7 +240,7 @@ def run_pipeline(
     with contextlib.ExitStack() as services, staged_output(output, overwrite=overwrite) as staging:
         if name == "FlinkRunner" and not _has_flag(beam_args, "--job_endpoint"):
             beam_args.append(
-                f"--job_endpoint={services.enter_context(stack.flink_job_server(_flink_master(beam_args)))}"
+                f"--job_endpoint={services.enter_context(stack.flink_job_server(flink_master_of(beam_args)))}"
             )
         staged_config = dataclasses.replace(config, output=str(staging))
         pipeline = create_pipeline(name, beam_args, job_name=job_name)

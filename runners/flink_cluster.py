@@ -96,8 +96,13 @@ io.tmp.dirs: {work}/tmp
 classloader.resolve-order: parent-first
 """
 # -Xmx = framework + task heap; direct = framework + task off-heap + network (what taskmanager.sh passes).
-_TM_JVM = ["-Xmx512m", "-Xms512m", "-XX:MaxDirectMemorySize=448m", "-XX:MaxMetaspaceSize=256m"]
-_JM_JVM = ["-Xmx512m", "-XX:MaxMetaspaceSize=256m"]
+# The jar logs through slf4j-simple, without times unless asked.
+_LOG_TIMES = [
+    "-Dorg.slf4j.simpleLogger.showDateTime=true",
+    "-Dorg.slf4j.simpleLogger.dateTimeFormat=HH:mm:ss.SSS",
+]
+_TM_JVM = ["-Xmx512m", "-Xms512m", "-XX:MaxDirectMemorySize=448m", "-XX:MaxMetaspaceSize=256m", *_LOG_TIMES]
+_JM_JVM = ["-Xmx512m", "-XX:MaxMetaspaceSize=256m", *_LOG_TIMES]
 
 
 @dataclasses.dataclass(frozen=True)

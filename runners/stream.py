@@ -143,7 +143,7 @@ def bundle_args(config: CtrJoinConfig) -> list[str]:
 def ctr_join(config: CtrJoinConfig, runner: str | None, beam_args) -> int:
     """Submits the join and waits; Ctrl-C / SIGTERM cancel the job."""
     from headrace.runners import stack
-    from headrace.runners.beam_runner import create_pipeline, resolve_runner
+    from headrace.runners.beam_runner import create_pipeline, flink_master_of, resolve_runner
 
     runner = runner or "FlinkRunner"
     beam_args = list(beam_args)
@@ -164,7 +164,10 @@ def ctr_join(config: CtrJoinConfig, runner: str | None, beam_args) -> int:
             if resolve_runner(runner) == "FlinkRunner" and not any(
                 a.startswith("--job_endpoint") for a in beam_args
             ):
-                beam_args.append(f"--job_endpoint={services.enter_context(stack.flink_job_server())}")
+                # A job server of its own, submitting to --flink_master (a standalone cluster: `stack up
+                # --flink`) or, without one, to the embedded cluster inside it.
+                server = stack.flink_job_server(flink_master_of(beam_args))
+                beam_args.append(f"--job_endpoint={services.enter_context(server)}")
             pipeline = create_pipeline(runner, beam_args, streaming=True, job_name="headrace-ctr-join")
             build_ctr_join(pipeline, config, address)
             result = pipeline.run()
