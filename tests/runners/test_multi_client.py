@@ -90,7 +90,7 @@ def _train_one_client(module: str, config) -> None:
     importlib.import_module(f"headrace.runners.{module}").train_and_evaluate(config)
 
 
-@pytest.mark.parametrize("model", ["ctr", pytest.param("mlp", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("model", ["ctr", "mlp"])
 def test_two_clients_train_what_one_client_trains(model, ctr_shards, example_output, tmp_path):
     data = ctr_shards if model == "ctr" else example_output
     flags = {"ctr": ["--batch-size", "256"], "mlp": ["--batch-size", "64"]}[model]
