@@ -84,8 +84,9 @@ def WriteJsonLines(pcoll, file_path_prefix: str, *, num_shards: int = 1):
 
 
 class WriteTextWithHeader(beam.PTransform):
-    """The lines of `pcoll` as one text file after a `header` line computed in the pipeline (a
-    single-element PCollection: e.g. CSV columns named by the classes found)."""
+    """The lines of `pcoll`, sorted (the same bytes on every runner), as one text file after a `header`
+    line computed in the pipeline (a single-element PCollection: e.g. CSV columns named by the classes
+    found). The lines are gathered in one worker's memory."""
 
     def __init__(self, path: str, header):
         super().__init__()
