@@ -96,6 +96,7 @@ io.tmp.dirs: {work}/tmp
 classloader.resolve-order: parent-first
 """
 # -Xmx = framework + task heap; direct = framework + task off-heap + network (what taskmanager.sh passes).
+_BOOT = "sdk-worker"  # in the cluster's work directory: the PROCESS environment's command
 # The jar logs through slf4j-simple, without times unless asked.
 _LOG_TIMES = [
     "-Dorg.slf4j.simpleLogger.showDateTime=true",
@@ -124,7 +125,7 @@ class FlinkCluster:
     def beam_args(self, parallelism: int | None = None) -> list[str]:
         """The Beam flags of a pipeline run on this cluster (with `parallelism`, default every slot): its
         Python stages in SDK workers each TaskManager starts as child processes."""
-        boot = json.dumps({"command": str(Path(self.workdir) / "sdk-worker")})
+        boot = json.dumps({"command": str(Path(self.workdir) / _BOOT)})
         return [
             f"--flink_master={self.master}",
             "--environment_type=PROCESS",
@@ -151,15 +152,14 @@ def overview(cluster: FlinkCluster, timeout: float = 5.0) -> dict:
         return json.loads(r.read())
 
 
-def _write_boot(work: Path) -> Path:
+def _write_boot(work: Path) -> None:
     """The command each TaskManager starts an SDK worker with (PROCESS): `sdk_worker` under this
     interpreter, the one with headrace and the pipeline's packages."""
-    boot = work / "sdk-worker"
+    boot = work / _BOOT
     boot.write_text(
         "#!/bin/sh\nexec " + " ".join(shlex.quote(a) for a in sdk_worker.command_line()) + ' "$@"\n'
     )
     boot.chmod(0o755)
-    return boot
 
 
 def _taskmanager_command(jar: str, conf: Path) -> list[str]:

@@ -9,22 +9,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
-import urllib.request
 
 import pytest
 
 from headrace.runners import flink_cluster as fc
 from headrace.runners import stack
 
-from .test_streaming_end_to_end import CLI, KEEP, RATE, WINDOW_S, _read, _reference, _wait_for
-from .test_streaming_recovery import _decided
-
-
-def _get(cluster, path: str):
-    with urllib.request.urlopen(f"http://{cluster.master}{path}", timeout=10) as r:
-        return json.loads(r.read())
+from .test_flink_cluster import _get
+from .test_streaming_end_to_end import _read, _wait_for
+from .test_streaming_recovery import _decided, _join_command, _replay, _start, _stream_log
 
 
 def _running_job(cluster) -> dict:
@@ -37,12 +31,7 @@ def _running_job(cluster) -> dict:
 @pytest.mark.flink
 @pytest.mark.kafka
 def test_join_on_the_cluster_survives_a_killed_taskmanager(kafka_broker, flink_jar, tmp_path):
-    from headrace.pipelines.ctr_data import generate
-
-    generate(tmp_path / "log.tsv", 6000, seed=34)
-    (tmp_path / "stream.tsv").write_text((tmp_path / "log.tsv").read_text())
-    lines = (tmp_path / "stream.tsv").read_text().splitlines()
-    impressions, clicks, positives, negatives = _reference(lines)
+    impressions, clicks, positives, negatives = _stream_log(tmp_path, 6000, seed=34)
     expected = len(positives) + len(negatives)
     topics = ["cl-impressions", "cl-actions", "cl-examples", "cl-late", "cl-rejected"]
     stack.create_topics(kafka_broker, topics)
@@ -50,28 +39,16 @@ def test_join_on_the_cluster_survives_a_killed_taskmanager(kafka_broker, flink_j
     join = replay = None
     with fc.flink_cluster(taskmanagers=2, slots=1, workdir=tmp_path / "cluster") as cluster:
         try:
-            join_cmd = [
-                *CLI, "stream", "ctr-join", "--runner", "flink", "--bootstrap", kafka_broker,
-                "--impressions", topics[0], "--actions", topics[1], "--examples", topics[2], "--late", topics[3],
-                "--rejected", topics[4], "--join-window", str(WINDOW_S), "--negative-keep-rate", str(KEEP),
-                "--allowed-lateness", "2", "--checkpoint-dir", str(tmp_path / "checkpoints"),
-                "--checkpoint-interval", "2", *cluster.beam_args(parallelism=2),
-            ]  # fmt: skip
-            with open(join_log, "w") as out:
-                join = subprocess.Popen(
-                    join_cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-                )
+            join_cmd = _join_command(
+                kafka_broker, topics, tmp_path / "checkpoints", *cluster.beam_args(parallelism=2)
+            )
+            join = _start(join_cmd, join_log)
             deadline = time.monotonic() + 240
             while fc.overview(cluster)["jobs-running"] < 1:
                 assert join.poll() is None, join_log.read_text()[-3000:]
                 assert time.monotonic() < deadline, "the join never ran on the cluster"
                 time.sleep(1)
-            replay = subprocess.Popen(
-                [*CLI, "stream", "replay", "--input", str(tmp_path / "stream.tsv"), "--bootstrap", kafka_broker,
-                 "--impressions", topics[0], "--actions", topics[1], "--rate", str(RATE),
-                 "--mean-click-delay", "1", "--prefix", "e"],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-            )  # fmt: skip
+            replay = _replay(kafka_broker, topics, tmp_path)
             written = lambda: stack.end_offsets(kafka_broker, [topics[2]])[(topics[2], 0)]
             _wait_for(written, expected // 3, 300, "a third of the examples", join_log)
             assert any((tmp_path / "checkpoints").glob("*/chk-*/_metadata")), "no checkpoint yet"

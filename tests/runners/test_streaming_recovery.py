@@ -38,6 +38,37 @@ def _start(cmd, log):
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def _stream_log(tmp_path, lines: int, seed: int):
+    """A generated log as TMP/stream.tsv, and the reference: (impressions, clicks, positives, negatives)."""
+    from headrace.pipelines.ctr_data import generate
+
+    generate(tmp_path / "log.tsv", lines, seed=seed)
+    (tmp_path / "stream.tsv").write_text((tmp_path / "log.tsv").read_text())
+    return _reference((tmp_path / "stream.tsv").read_text().splitlines())
+
+
+def _join_command(bootstrap: str, topics: list[str], checkpoints, *beam_args: str) -> list[str]:
+    """`stream ctr-join` over the five topics (impressions, actions, examples, late, rejected),
+    checkpointing every 2 s into `checkpoints`."""
+    return [
+        *CLI, "stream", "ctr-join", "--runner", "flink", "--bootstrap", bootstrap,
+        "--impressions", topics[0], "--actions", topics[1], "--examples", topics[2], "--late", topics[3],
+        "--rejected", topics[4], "--join-window", str(WINDOW_S), "--negative-keep-rate", str(KEEP),
+        "--allowed-lateness", "2", "--checkpoint-dir", str(checkpoints), "--checkpoint-interval", "2",
+        *beam_args,
+    ]  # fmt: skip
+
+
+def _replay(bootstrap: str, topics: list[str], tmp_path) -> subprocess.Popen:
+    """`stream replay` of TMP/stream.tsv at RATE; its last stdout line is the JSON of what it sent."""
+    return subprocess.Popen(
+        [*CLI, "stream", "replay", "--input", str(tmp_path / "stream.tsv"), "--bootstrap", bootstrap,
+         "--impressions", topics[0], "--actions", topics[1], "--rate", str(RATE),
+         "--mean-click-delay", "1", "--prefix", "e"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+
+
 def _kill(proc):
     if proc is not None and proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -48,23 +79,12 @@ def _kill(proc):
 @pytest.mark.flink
 @pytest.mark.kafka
 def test_join_and_trainer_killed_mid_stream_resume_effectively_once(kafka_broker, flink_jar, tmp_path):
-    from headrace.pipelines.ctr_data import generate
-
-    generate(tmp_path / "log.tsv", 6000, seed=33)
-    (tmp_path / "stream.tsv").write_text((tmp_path / "log.tsv").read_text())
-    lines = (tmp_path / "stream.tsv").read_text().splitlines()
-    impressions, clicks, positives, negatives = _reference(lines)
+    impressions, clicks, positives, negatives = _stream_log(tmp_path, 6000, seed=33)
     expected = len(positives) + len(negatives)
 
     topics = ["rec-impressions", "rec-actions", "rec-examples", "rec-late", "rec-rejected"]
     stack.create_topics(kafka_broker, topics)
-    join_cmd = [
-        *CLI, "stream", "ctr-join", "--runner", "flink", "--bootstrap", kafka_broker,
-        "--impressions", topics[0], "--actions", topics[1], "--examples", topics[2], "--late", topics[3],
-        "--rejected", topics[4], "--join-window", str(WINDOW_S), "--negative-keep-rate", str(KEEP),
-        "--allowed-lateness", "2", "--checkpoint-dir", str(tmp_path / "checkpoints"),
-        "--checkpoint-interval", "2",
-    ]  # fmt: skip
+    join_cmd = _join_command(kafka_broker, topics, tmp_path / "checkpoints")
     trainer_cmd = [*_trainer(kafka_broker, tmp_path, "online", expected, topic=topics[2])]
     trainer_cmd += ["--checkpoint-every-seconds", "2"]
     join_log, trainer_log = tmp_path / "join.log", tmp_path / "trainer.log"
@@ -80,12 +100,7 @@ def test_join_and_trainer_killed_mid_stream_resume_effectively_once(kafka_broker
         rejected = lambda: stack.end_offsets(kafka_broker, [topics[4]])[(topics[4], 0)]
         _wait_for(rejected, 1, 240, "the probe", join_log)
         trainer = _start(trainer_cmd, trainer_log)
-        replay = subprocess.Popen(
-            [*CLI, "stream", "replay", "--input", str(tmp_path / "stream.tsv"), "--bootstrap", kafka_broker,
-             "--impressions", topics[0], "--actions", topics[1], "--rate", str(RATE),
-             "--mean-click-delay", "1", "--prefix", "e"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        )  # fmt: skip
+        replay = _replay(kafka_broker, topics, tmp_path)
         # Mid-stream (a third of the examples out, checkpoints taken), both die at once.
         written = lambda: stack.end_offsets(kafka_broker, [topics[2]])[(topics[2], 0)]
         _wait_for(written, expected // 3, 240, "a third of the examples", join_log)
